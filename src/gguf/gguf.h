@@ -1,0 +1,133 @@
+// GGUF (v2 and v3) reading over mmap, and writing.
+//
+// Reading validates the whole header before anything is used: magic, version, counts, string
+// lengths, metadata value types, tensor types, shapes, offsets, alignment, and that every
+// tensor lies inside the file. Any violation throws Error(CORRUPT_FILE) (or UNSUPPORTED for a
+// valid file using a tensor type we do not implement) with a message naming the file, the field
+// and the byte offset. After open() succeeds, every accessor is bounds-safe.
+//
+// Thread-safety: a File is immutable after open(); all const methods may be called concurrently.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "tensor/dtype.h"
+
+namespace backprompt::gguf {
+
+enum class ValueType : uint32_t {
+  UINT8 = 0, INT8 = 1, UINT16 = 2, INT16 = 3, UINT32 = 4, INT32 = 5, FLOAT32 = 6,
+  BOOL = 7, STRING = 8, ARRAY = 9, UINT64 = 10, INT64 = 11, FLOAT64 = 12,
+};
+
+// One metadata entry. `raw` points into the mapping: for scalars the value bytes, for strings
+// the length-prefixed string, for arrays the array header (element type, count, elements).
+struct KeyValue {
+  std::string key;
+  ValueType type;
+  ValueType array_type = ValueType::UINT8;  // meaningful when type == ARRAY
+  uint64_t array_len = 0;                   // meaningful when type == ARRAY
+  const uint8_t* raw = nullptr;             // start of the value's bytes (after the type field)
+  size_t raw_size = 0;                      // bytes of the value, including any length prefixes
+};
+
+struct TensorInfo {
+  std::string name;
+  DType type;
+  std::vector<int64_t> ne;   // dimensions, ne[0] innermost (contiguous): a [out, in] matrix has ne = {in, out}
+  uint64_t offset;           // relative to the start of the data section
+  const uint8_t* data;       // into the mapping
+  size_t n_bytes;
+  int64_t n_elements() const;
+};
+
+class File {
+ public:
+  // Maps and validates `path`. Throws Error(IO_ERROR) if it cannot be opened or mapped,
+  // Error(CORRUPT_FILE) if it is malformed.
+  static std::unique_ptr<File> open(const std::string& path);
+  // Validates an in-memory image (used by the fuzzer and tests); `bytes` must outlive the File.
+  static std::unique_ptr<File> from_memory(std::span<const uint8_t> bytes, std::string name = "<memory>");
+  ~File();
+  File(const File&) = delete;
+  File& operator=(const File&) = delete;
+
+  const std::string& path() const { return path_; }
+  uint32_t version() const { return version_; }
+  uint64_t alignment() const { return alignment_; }
+  std::span<const uint8_t> bytes() const { return {base_, size_}; }
+
+  const std::vector<KeyValue>& metadata() const { return kv_; }
+  const KeyValue* find(std::string_view key) const;  // nullptr if absent
+
+  // Typed getters: std::nullopt when the key is absent; Error(CORRUPT_FILE) naming the key when
+  // present with an incompatible type. get_int accepts any integer type (and bool);
+  // get_float accepts FLOAT32/FLOAT64 and integers.
+  std::optional<int64_t> get_int(std::string_view key) const;
+  std::optional<double> get_float(std::string_view key) const;
+  std::optional<bool> get_bool(std::string_view key) const;
+  std::optional<std::string_view> get_string(std::string_view key) const;
+  // Arrays: nullopt when absent; Error(CORRUPT_FILE) when not an array of that element type
+  // (get_int_array accepts any integer element type).
+  std::optional<std::vector<std::string_view>> get_string_array(std::string_view key) const;
+  std::optional<std::vector<float>> get_float_array(std::string_view key) const;
+  std::optional<std::vector<int64_t>> get_int_array(std::string_view key) const;
+
+  const std::vector<TensorInfo>& tensors() const { return tensors_; }
+  const TensorInfo* find_tensor(std::string_view name) const;  // nullptr if absent
+
+ private:
+  File() = default;
+  void parse();
+  std::string path_;
+  const uint8_t* base_ = nullptr;
+  size_t size_ = 0;
+  bool mapped_ = false;
+  uint32_t version_ = 0;
+  uint64_t alignment_ = 32;
+  std::vector<KeyValue> kv_;
+  std::vector<TensorInfo> tensors_;
+};
+
+// Builds a GGUF v3 file. Tensor data is produced at write time by a fill callback so that
+// multi-gigabyte models are streamed, never held in memory whole.
+// Thread-safety: none; use from one thread.
+class Writer {
+ public:
+  void set_u32(const std::string& key, uint32_t v);
+  void set_i32(const std::string& key, int32_t v);
+  void set_u64(const std::string& key, uint64_t v);
+  void set_f32(const std::string& key, float v);
+  void set_bool(const std::string& key, bool v);
+  void set_string(const std::string& key, const std::string& v);
+  void set_string_array(const std::string& key, const std::vector<std::string>& v);
+  void set_f32_array(const std::string& key, const std::vector<float>& v);
+  void set_i32_array(const std::string& key, const std::vector<int32_t>& v);
+  // Copies one metadata entry verbatim from another file (e.g. a tokenizer's vocabulary).
+  void copy_kv(const KeyValue& kv);
+  // `fill` receives a buffer of exactly dtype_row_bytes(type, ne[0]) * (other dims) bytes.
+  void add_tensor(const std::string& name, DType type, std::vector<int64_t> ne,
+                  std::function<void(std::span<uint8_t>)> fill);
+  // Writes to `path` + ".tmp", fsyncs, renames over `path`. Error(IO_ERROR) on failure.
+  // Setting a key twice keeps the last value.
+  void write(const std::string& path) const;
+
+ private:
+  struct PendingKv { std::string key; std::vector<uint8_t> encoded; };  // type + value bytes
+  struct PendingTensor {
+    std::string name; DType type; std::vector<int64_t> ne;
+    std::function<void(std::span<uint8_t>)> fill;
+  };
+  void put(const std::string& key, std::vector<uint8_t> encoded);
+  std::vector<PendingKv> kv_;
+  std::vector<PendingTensor> tensors_;
+};
+
+}  // namespace backprompt::gguf
