@@ -1,0 +1,30 @@
+// Choosing the next token from logits: greedy, temperature, top-k, top-p; seeded and reproducible.
+#pragma once
+
+#include <cstdint>
+#include <span>
+
+namespace backprompt {
+
+struct SamplingParams {
+  float temperature = 0.0f;  // 0: greedy (argmax; ties -> lowest id)
+  int32_t top_k = 0;         // 0: off
+  float top_p = 1.0f;        // >= 1: off
+  uint64_t seed = 42;
+};
+
+// Thread-safety: none (holds RNG state). Copyable: a copy continues the same random stream.
+class Sampler {
+ public:
+  explicit Sampler(const SamplingParams& params);
+  int32_t sample(std::span<const float> logits);
+  const SamplingParams& params() const { return params_; }
+  uint64_t rng_state() const { return rng_state_; }          // for snapshots: resume exactly
+  void set_rng_state(uint64_t s) { rng_state_ = s; }
+
+ private:
+  SamplingParams params_;
+  uint64_t rng_state_;
+};
+
+}  // namespace backprompt
