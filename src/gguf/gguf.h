@@ -5,6 +5,11 @@
 // tensor lies inside the file. Any violation throws Error(CORRUPT_FILE) (or UNSUPPORTED for a
 // valid file using a tensor type we do not implement) with a message naming the file, the field
 // and the byte offset. After open() succeeds, every accessor is bounds-safe.
+// Beyond the format itself the reader also requires: non-empty, unique keys and tensor names;
+// bool values 0 or 1; 1 to 4 dimensions, each >= 1, ne[0] a multiple of the type's block size;
+// tensor offsets multiples of the alignment; tensors inside the file and not overlapping.
+// Nested arrays are validated (up to 8 levels) and can be copied, but no getter returns them.
+// Opening reads only the header: tensor data stays untouched in the mapping until used.
 //
 // Thread-safety: a File is immutable after open(); all const methods may be called concurrently.
 #pragma once
@@ -16,6 +21,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 #include <vector>
 
 #include "tensor/dtype.h"
@@ -94,10 +100,16 @@ class File {
   uint64_t alignment_ = 32;
   std::vector<KeyValue> kv_;
   std::vector<TensorInfo> tensors_;
+  // Name -> index into kv_ / tensors_; the views point into the mapping, which outlives them.
+  std::unordered_map<std::string_view, size_t> kv_index_;
+  std::unordered_map<std::string_view, size_t> tensor_index_;
 };
 
 // Builds a GGUF v3 file. Tensor data is produced at write time by a fill callback so that
-// multi-gigabyte models are streamed, never held in memory whole.
+// multi-gigabyte models are streamed, never held in memory whole (one tensor at a time).
+// Tensor data is aligned to general.alignment: 32 (and the key is not written) unless the caller
+// sets it (as a uint32 power of two). Metadata is written in the order keys were first set.
+// Invalid keys, names or shapes throw Error(INVALID_ARGUMENT).
 // Thread-safety: none; use from one thread.
 class Writer {
  public:

@@ -52,9 +52,11 @@ class Sequence {
   const std::vector<int32_t>& tokens() const { return tokens_; }
 
  private:
+  void reserve(int32_t n_needed);  // grows capacity (doubling, at most n_ctx), keeping K/V
   const Model& model_;
   std::vector<int32_t> tokens_;
-  std::vector<float> k_, v_;  // [n_layer][n_ctx][kv_dim], filled up to n_tokens()
+  int32_t capacity_ = 0;
+  std::vector<float> k_, v_;  // [n_layer][capacity_][kv_dim], filled up to n_tokens()
 };
 
 }  // namespace backprompt

@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string_view>
 
 #include "tensor/dtype.h"
 
@@ -29,6 +30,13 @@ void matmul(const MatrixView& w, const float* x, int64_t n, float* y);
 void matrix_get_row(const MatrixView& w, int64_t r, float* dst);
 
 // Name of the SIMD path chosen at run time ("avx512", "avx2", "scalar"), for diagnostics.
+// The best path this CPU supports, unless env BACKPROMPT_ISA=scalar|avx2|avx512 asks for another
+// (a path the CPU cannot run, or an unknown name, is ignored).
 const char* kernels_isa();
+
+// Force a SIMD path by name ("scalar", "avx2", "avx512"; "auto" for the best this CPU has).
+// Returns false and changes nothing if the name is unknown or this CPU cannot run that path.
+// For tests and benchmarks: do not call while kernels are running in another thread.
+bool kernels_force_isa(std::string_view name);
 
 }  // namespace backprompt

@@ -1,0 +1,44 @@
+// Internal to src/tensor: the per-ISA kernel tables behind kernels.h, and the two matmul
+// strategies, exposed separately so that tests and benchmarks can exercise each one.
+//
+// One table per instruction set (scalar, AVX2+FMA+F16C, AVX-512 F/BW/VL). Each SIMD table lives
+// in its own .cpp whose functions carry __attribute__((target(...))); the file is compiled
+// without -march flags, and its table is only handed out when the running CPU supports it.
+#pragma once
+
+#include <cstdint>
+
+#include "tensor/kernels.h"
+
+namespace backprompt::detail {
+
+struct KernelIsa {
+  const char* name;  // "scalar", "avx2", "avx512"
+
+  // Fused matrix-vector product for a few activation rows, reading each weight row once:
+  // y[j * n_out + r] = dot(W row r, x row j) for j in [0, n), r in [r0, r1).
+  // x: [n][w.n_in], y: [n][w.n_out]. Meant for small n (decode); any n >= 1 is correct.
+  void (*matvec)(const MatrixView& w, const float* x, int64_t n, float* y, int64_t r0, int64_t r1);
+
+  // dst[n] = src row of type t as f32; bit-identical to backprompt::dequantize_row.
+  void (*dequantize_row)(DType t, const void* src, float* dst, int64_t n);
+};
+
+const KernelIsa* kernel_isa_scalar();
+// nullptr when this build or the running CPU cannot run that instruction set.
+const KernelIsa* kernel_isa_avx2();
+const KernelIsa* kernel_isa_avx512();
+
+// The table matmul() uses now (chosen once from the CPU and BACKPROMPT_ISA, or forced).
+const KernelIsa& kernel_isa();
+
+// The two strategies behind matmul(), for any n >= 1 (matmul picks one by n):
+// fused kernels parallelised over output rows (weights read once; best for small n), and
+// oneDNN sgemm on f32 weights or on blocks of rows dequantized into a scratch buffer.
+void matmul_fused(const MatrixView& w, const float* x, int64_t n, float* y);
+void matmul_gemm(const MatrixView& w, const float* x, int64_t n, float* y);
+
+// matmul() uses matmul_fused for n <= this, matmul_gemm above.
+constexpr int64_t MATMUL_FUSED_MAX_N = 8;
+
+}  // namespace backprompt::detail

@@ -1,0 +1,228 @@
+// The runtime against itself: continuing from cached K/V in any number of steps, or as part of
+// a ragged batch, equals one full pass. (Against an independent implementation: test_reference.)
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <random>
+
+#include "backprompt/error.h"
+#include "gguf/gguf.h"
+#include "model/runtime.h"
+#include "test_util.h"
+
+namespace bp = backprompt;
+using bp::testing::compare_logits;
+using bp::testing::generated_model;
+
+namespace {
+
+std::vector<int32_t> random_tokens(int32_t n_vocab, size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<int32_t> dist(0, n_vocab - 1);
+  std::vector<int32_t> t(n);
+  for (auto& x : t) x = dist(rng);
+  return t;
+}
+
+// All-position logits of one uncached pass: [n][n_vocab].
+std::vector<float> full_pass(const bp::Model& m, const std::vector<int32_t>& tokens) {
+  bp::Sequence seq(m);
+  return seq.append(tokens, bp::LogitsMode::ALL);
+}
+
+void expect_close(const float* got, const float* ref, int64_t n_vocab, const std::string& what) {
+  const bp::testing::LogitCompare c = compare_logits(got, ref, n_vocab);
+  EXPECT_TRUE(c.within_tolerance()) << what << ": max diff " << c.max_abs_diff << ", max |logit| " << c.max_abs_ref;
+  EXPECT_TRUE(c.same_argmax) << what;
+}
+
+struct ArchCase {
+  bp::Arch arch;
+  bp::DType dtype;
+};
+
+class RuntimeContinuation : public ::testing::TestWithParam<ArchCase> {};
+
+TEST_P(RuntimeContinuation, StepwiseEqualsFullPass) {
+  const auto model = bp::Model::load(generated_model(GetParam().arch, GetParam().dtype));
+  const int32_t V = model->config().n_vocab;
+  const std::vector<int32_t> tokens = random_tokens(V, 40, 7);
+  const std::vector<float> ref = full_pass(*model, tokens);
+
+  // Steps of irregular sizes, including single-token decode steps.
+  const size_t steps[] = {1, 5, 1, 1, 9, 2, 13, 1, 7};
+  bp::Sequence seq(*model);
+  size_t done = 0;
+  for (size_t step : steps) {
+    std::span<const int32_t> part(tokens.data() + done, step);
+    const std::vector<float> got = seq.append(part, bp::LogitsMode::ALL);
+    for (size_t i = 0; i < step; ++i)
+      expect_close(got.data() + i * V, ref.data() + (done + i) * V, V, "position " + std::to_string(done + i));
+    done += step;
+  }
+  ASSERT_EQ(done, tokens.size());
+}
+
+TEST_P(RuntimeContinuation, RaggedBatchOverSharedAncestorsEqualsFullPasses) {
+  const auto model = bp::Model::load(generated_model(GetParam().arch, GetParam().dtype));
+  const bp::ModelConfig& c = model->config();
+  const int32_t V = c.n_vocab;
+  const int64_t kv = c.kv_dim();
+
+  // Two ancestor spans A then B, computed as separate chunks (K/V in the runtime's span layout).
+  const std::vector<int32_t> a = random_tokens(V, 11, 1), b = random_tokens(V, 6, 2);
+  auto alloc = [&](size_t n) { return std::vector<float>(static_cast<size_t>(c.n_layer) * n * kv); };
+  std::vector<float> ka = alloc(a.size()), va = alloc(a.size()), kb = alloc(b.size()), vb = alloc(b.size());
+  bp::ForwardSpan sa;
+  sa.tokens = a;
+  sa.k_out = ka.data();
+  sa.v_out = va.data();
+  sa.logits = bp::LogitsMode::NONE;
+  bp::forward(*model, std::span<const bp::ForwardSpan>(&sa, 1));
+  const bp::KvSpanView view_a{ka.data(), va.data(), static_cast<int32_t>(a.size())};
+  bp::ForwardSpan sb;
+  sb.past = std::span<const bp::KvSpanView>(&view_a, 1);
+  sb.tokens = b;
+  sb.pos0 = static_cast<int32_t>(a.size());
+  sb.k_out = kb.data();
+  sb.v_out = vb.data();
+  sb.logits = bp::LogitsMode::NONE;
+  bp::forward(*model, std::span<const bp::ForwardSpan>(&sb, 1));
+  const bp::KvSpanView chain_ab[] = {view_a, {kb.data(), vb.data(), static_cast<int32_t>(b.size())}};
+
+  // One ragged batch: three branches of different lengths after A+B, one after A only, and one
+  // with no ancestors at all.
+  struct Branch { std::vector<int32_t> tokens; int n_past; };
+  const std::vector<Branch> branches = {
+      {random_tokens(V, 1, 10), 2}, {random_tokens(V, 4, 11), 2}, {random_tokens(V, 9, 12), 2},
+      {random_tokens(V, 3, 13), 1}, {random_tokens(V, 5, 14), 0}};
+  std::vector<std::vector<float>> k_out, v_out, logits;
+  std::vector<bp::ForwardSpan> batch;
+  for (const Branch& br : branches) {
+    k_out.push_back(alloc(br.tokens.size()));
+    v_out.push_back(alloc(br.tokens.size()));
+    logits.emplace_back(br.tokens.size() * V);
+  }
+  for (size_t i = 0; i < branches.size(); ++i) {
+    bp::ForwardSpan s;
+    s.past = std::span<const bp::KvSpanView>(chain_ab, static_cast<size_t>(branches[i].n_past));
+    s.pos0 = branches[i].n_past == 0 ? 0 : static_cast<int32_t>(a.size() + (branches[i].n_past == 2 ? b.size() : 0));
+    s.tokens = branches[i].tokens;
+    s.k_out = k_out[i].data();
+    s.v_out = v_out[i].data();
+    s.logits = bp::LogitsMode::ALL;
+    s.logits_out = logits[i].data();
+    batch.push_back(s);
+  }
+  bp::forward(*model, batch);
+
+  for (size_t i = 0; i < branches.size(); ++i) {
+    std::vector<int32_t> whole;
+    if (branches[i].n_past >= 1) whole.insert(whole.end(), a.begin(), a.end());
+    if (branches[i].n_past >= 2) whole.insert(whole.end(), b.begin(), b.end());
+    const size_t off = whole.size();
+    whole.insert(whole.end(), branches[i].tokens.begin(), branches[i].tokens.end());
+    const std::vector<float> ref = full_pass(*model, whole);
+    for (size_t t = 0; t < branches[i].tokens.size(); ++t)
+      expect_close(logits[i].data() + t * V, ref.data() + (off + t) * V, V,
+                   "branch " + std::to_string(i) + " token " + std::to_string(t));
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Archs, RuntimeContinuation,
+                         ::testing::Values(ArchCase{bp::Arch::GPT2, bp::DType::F32}, ArchCase{bp::Arch::LLAMA, bp::DType::F32},
+                                           ArchCase{bp::Arch::GPT2, bp::DType::Q8_0}, ArchCase{bp::Arch::LLAMA, bp::DType::F16},
+                                           ArchCase{bp::Arch::LLAMA, bp::DType::BF16}),
+                         [](const auto& info) {
+                           return std::string(bp::arch_name(info.param.arch)) + "_" + bp::dtype_name(info.param.dtype);
+                         });
+
+TEST(Runtime, RejectsTokensOutsideVocabularyAndPastContext) {
+  const auto model = bp::Model::load(generated_model(bp::Arch::LLAMA, bp::DType::F32));
+  bp::Sequence seq(*model);
+  const std::vector<int32_t> bad = {0, model->config().n_vocab};
+  try {
+    seq.append(bad);
+    FAIL() << "expected an error";
+  } catch (const bp::Error& e) {
+    EXPECT_EQ(e.code(), bp::ErrorCode::INVALID_ARGUMENT);
+    EXPECT_NE(std::string(e.what()).find("vocabulary"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(seq.n_tokens(), 0);  // nothing appended on failure
+  const std::vector<int32_t> too_long(static_cast<size_t>(model->config().n_ctx) + 1, 1);
+  EXPECT_THROW(seq.append(too_long), bp::Error);
+}
+
+// Rewrites a generated model, dropping or reshaping one tensor or changing the architecture.
+std::string rewrite_model(const std::string& src, const std::string& out, const std::string& drop,
+                          const std::string& arch_override = "") {
+  auto f = bp::gguf::File::open(src);
+  bp::gguf::Writer w;
+  for (const auto& kv : f->metadata()) w.copy_kv(kv);
+  if (!arch_override.empty()) w.set_string("general.architecture", arch_override);
+  for (const auto& t : f->tensors()) {
+    if (t.name == drop) continue;
+    const uint8_t* data = t.data;
+    const size_t n = t.n_bytes;
+    w.add_tensor(t.name, t.type, t.ne, [data, n](std::span<uint8_t> dst) { std::memcpy(dst.data(), data, n); });
+  }
+  w.write(out);
+  return out;
+}
+
+TEST(Runtime, LoadNamesMissingTensorAndUnknownArchitecture) {
+  const std::string src = generated_model(bp::Arch::LLAMA, bp::DType::F32);
+  const std::string dir = bp::testing::temp_dir();
+  try {
+    bp::Model::load(rewrite_model(src, dir + "/missing.gguf", "blk.1.ffn_up.weight"));
+    FAIL() << "expected an error";
+  } catch (const bp::Error& e) {
+    EXPECT_EQ(e.code(), bp::ErrorCode::CORRUPT_FILE);
+    EXPECT_NE(std::string(e.what()).find("blk.1.ffn_up.weight"), std::string::npos) << e.what();
+  }
+  try {
+    bp::Model::load(rewrite_model(src, dir + "/arch.gguf", "", "mamba"));
+    FAIL() << "expected an error";
+  } catch (const bp::Error& e) {
+    EXPECT_EQ(e.code(), bp::ErrorCode::UNSUPPORTED);
+    EXPECT_NE(std::string(e.what()).find("mamba"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Runtime, LoadNamesMisShapedTensor) {
+  const std::string src = generated_model(bp::Arch::GPT2, bp::DType::F32);
+  auto f = bp::gguf::File::open(src);
+  bp::gguf::Writer w;
+  for (const auto& kv : f->metadata()) w.copy_kv(kv);
+  for (const auto& t : f->tensors()) {
+    std::vector<int64_t> ne = t.ne;
+    const size_t n = t.n_bytes;
+    const uint8_t* data = t.data;
+    if (t.name == "blk.0.ffn_down.weight") std::swap(ne[0], ne[1]);  // transposed
+    w.add_tensor(t.name, t.type, ne, [data, n](std::span<uint8_t> dst) { std::memcpy(dst.data(), data, n); });
+  }
+  const std::string out = bp::testing::temp_dir() + "/shape.gguf";
+  w.write(out);
+  try {
+    bp::Model::load(out);
+    FAIL() << "expected an error";
+  } catch (const bp::Error& e) {
+    EXPECT_EQ(e.code(), bp::ErrorCode::CORRUPT_FILE);
+    EXPECT_NE(std::string(e.what()).find("blk.0.ffn_down.weight"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Runtime, FingerprintsFollowWeightsAndTokenizer) {
+  const auto a = bp::Model::load(generated_model(bp::Arch::LLAMA, bp::DType::F32, "tiny", 1));
+  const auto a2 = bp::Model::load(generated_model(bp::Arch::LLAMA, bp::DType::F32, "tiny", 1));
+  const auto b = bp::Model::load(generated_model(bp::Arch::LLAMA, bp::DType::F32, "tiny", 2));
+  const auto c = bp::Model::load(generated_model(bp::Arch::LLAMA, bp::DType::F16, "tiny", 1));
+  EXPECT_EQ(a->fingerprint(), a2->fingerprint());
+  EXPECT_NE(a->fingerprint(), b->fingerprint());
+  EXPECT_NE(a->fingerprint(), c->fingerprint());
+  EXPECT_EQ(a->tokenizer_fingerprint(), b->tokenizer_fingerprint());
+  const auto g = bp::Model::load(generated_model(bp::Arch::GPT2, bp::DType::F32));
+  EXPECT_NE(a->tokenizer_fingerprint(), g->tokenizer_fingerprint());
+}
+
+}  // namespace

@@ -1,0 +1,81 @@
+// Shared test helpers: where the test data is, and small generated models (made once per run).
+#pragma once
+
+#include <cstdlib>
+#include <filesystem>
+#include <map>
+#include <mutex>
+#include <string>
+
+#include "backprompt/model.h"
+#include "model/make_model.h"
+
+namespace backprompt::testing {
+
+// BACKPROMPT_TEST_DATA, else <repo>/../shared/models. Empty if it does not exist.
+inline std::string test_data_dir() {
+  std::string dir;
+  if (const char* env = std::getenv("BACKPROMPT_TEST_DATA")) dir = env;
+  else dir = std::string(BACKPROMPT_SOURCE_DIR) + "/../shared/models";
+  return std::filesystem::is_directory(dir) ? dir : std::string();
+}
+
+// Path of a file under the test data directory, or "" if absent.
+inline std::string test_data_file(const std::string& rel) {
+  const std::string dir = test_data_dir();
+  if (dir.empty()) return {};
+  const std::string p = dir + "/" + rel;
+  return std::filesystem::exists(p) ? p : std::string();
+}
+
+// A per-process scratch directory, removed by the OS's tmp cleaning (kept for debugging).
+inline std::string temp_dir() {
+  static const std::string dir = [] {
+    std::string t = (std::filesystem::temp_directory_path() / "backprompt-test-XXXXXX").string();
+    char* d = mkdtemp(t.data());
+    return std::string(d ? d : "/tmp");
+  }();
+  return dir;
+}
+
+// A generated random-weight model (built-in byte vocabulary), made once per options.
+inline std::string generated_model(Arch arch, DType dtype, const std::string& preset = "tiny", uint64_t seed = 1) {
+  static std::mutex mu;
+  static std::map<std::string, std::string> made;
+  const std::string key = std::string(arch_name(arch)) + "-" + preset + "-" + dtype_name(dtype) + "-" + std::to_string(seed);
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = made.find(key);
+  if (it != made.end()) return it->second;
+  const std::string path = temp_dir() + "/" + key + ".gguf";
+  MakeModelOptions opt;
+  opt.arch = arch;
+  opt.preset = preset;
+  opt.dtype = dtype;
+  opt.seed = seed;
+  make_model(opt, path);
+  made[key] = path;
+  return path;
+}
+
+// max |a - b| <= 1e-4 * max(1, max |b|) and the same argmax: the exactness criterion.
+struct LogitCompare {
+  double max_abs_diff = 0.0;
+  double max_abs_ref = 0.0;
+  bool same_argmax = true;
+  bool within_tolerance() const { return max_abs_diff <= 1e-4 * std::max(1.0, max_abs_ref); }
+};
+
+inline LogitCompare compare_logits(const float* got, const float* ref, int64_t n) {
+  LogitCompare c;
+  int64_t arg_got = 0, arg_ref = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    c.max_abs_diff = std::max(c.max_abs_diff, static_cast<double>(std::abs(got[i] - ref[i])));
+    c.max_abs_ref = std::max(c.max_abs_ref, static_cast<double>(std::abs(ref[i])));
+    if (got[i] > got[arg_got]) arg_got = i;
+    if (ref[i] > ref[arg_ref]) arg_ref = i;
+  }
+  c.same_argmax = arg_got == arg_ref;
+  return c;
+}
+
+}  // namespace backprompt::testing
