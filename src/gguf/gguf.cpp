@@ -33,7 +33,7 @@ namespace {
 
 constexpr uint32_t GGUF_MAGIC = 0x46554747;  // "GGUF" read as a little-endian u32
 constexpr uint32_t MAX_DIMS = 4;
-constexpr int MAX_ARRAY_DEPTH = 8;            // nested arrays deeper than this are rejected
+constexpr int MAX_ARRAY_DEPTH = 8;            // more levels of arrays in arrays are rejected
 constexpr uint64_t DEFAULT_ALIGNMENT = 32;
 
 // Smallest possible encodings, used to reject counts that cannot fit in the bytes left.
@@ -190,7 +190,7 @@ void skip_value(Cursor& c, uint32_t type, const std::string& path, const std::st
     c.skip(count * elem_size, field);
     return;
   }
-  std::string elem_field = field + " element";
+  std::string elem_field = depth == 0 ? field + " element" : field;
   if (static_cast<ValueType>(elem_type) == ValueType::STRING) {  // the common case (vocabularies): no recursion
     for (uint64_t i = 0; i < count; ++i) c.str(elem_field);
     return;
@@ -512,7 +512,7 @@ std::optional<std::vector<float>> File::get_float_array(std::string_view key) co
   std::vector<float> out(kv->array_len);  // [array_len]
   const uint8_t* p = kv->raw + MIN_ARRAY_HEADER_BYTES;
   if (f32) {
-    std::memcpy(out.data(), p, out.size() * sizeof(float));
+    if (!out.empty()) std::memcpy(out.data(), p, out.size() * sizeof(float));
   } else {
     for (uint64_t i = 0; i < kv->array_len; ++i) out[i] = static_cast<float>(load<double>(p + 8 * i));
   }
@@ -522,7 +522,8 @@ std::optional<std::vector<float>> File::get_float_array(std::string_view key) co
 std::optional<std::vector<int64_t>> File::get_int_array(std::string_view key) const {
   const KeyValue* kv = find(key);
   if (!kv) return std::nullopt;
-  if (kv->type != ValueType::ARRAY || !is_integer(kv->array_type)) wrong_type(*this, *kv, "array of integers");
+  if (kv->type != ValueType::ARRAY || !(is_integer(kv->array_type) || kv->array_type == ValueType::BOOL))
+    wrong_type(*this, *kv, "array of integers");
   std::vector<int64_t> out(kv->array_len);  // [array_len]
   const uint8_t* p = kv->raw + MIN_ARRAY_HEADER_BYTES;
   int elem = scalar_size(static_cast<uint32_t>(kv->array_type));

@@ -3,8 +3,9 @@
 // Reading validates the whole header before anything is used: magic, version, counts, string
 // lengths, metadata value types, tensor types, shapes, offsets, alignment, and that every
 // tensor lies inside the file. Any violation throws Error(CORRUPT_FILE) (or UNSUPPORTED for a
-// valid file using a tensor type we do not implement) with a message naming the file, the field
-// and the byte offset. After open() succeeds, every accessor is bounds-safe.
+// valid file using a tensor type we do not implement, GGUF v1, a version above 3, or a
+// big-endian file) with a message "<path>: <field> at offset <n>: <what>".
+// After open() succeeds, every accessor is bounds-safe.
 // Beyond the format itself the reader also requires: non-empty, unique keys and tensor names;
 // bool values 0 or 1; 1 to 4 dimensions, each >= 1, ne[0] a multiple of the type's block size;
 // tensor offsets multiples of the alignment; tensors inside the file and not overlapping.
@@ -81,7 +82,8 @@ class File {
   std::optional<bool> get_bool(std::string_view key) const;
   std::optional<std::string_view> get_string(std::string_view key) const;
   // Arrays: nullopt when absent; Error(CORRUPT_FILE) when not an array of that element type
-  // (get_int_array accepts any integer element type).
+  // (get_int_array accepts any integer element type, and bool; get_float_array accepts FLOAT32
+  // and FLOAT64). Strings are views into the file's bytes, valid while the File lives.
   std::optional<std::vector<std::string_view>> get_string_array(std::string_view key) const;
   std::optional<std::vector<float>> get_float_array(std::string_view key) const;
   std::optional<std::vector<int64_t>> get_int_array(std::string_view key) const;

@@ -1,4 +1,10 @@
 // Deterministic random-weight models in real shapes, written as GGUF (`backprompt make-model`).
+//
+// Tensor names and metadata keys are llama.cpp's, so the files also load there. GPT-2 ties the
+// output projection to token_embd; Llama has a separate `output` tensor. Weights are normal
+// (std 0.02 for matrices, output projections of each block scaled by 1/sqrt(2 n_layer)); norm
+// weights are near 1, biases near 0. Every row of every tensor has its own random stream
+// (seed, tensor name, row), so the file does not depend on the number of threads.
 #pragma once
 
 #include <cstdint>
@@ -18,12 +24,18 @@ struct MakeModelOptions {
   uint64_t seed = 1;
 };
 
+// What was written.
+struct MakeModelResult {
+  ModelConfig config;     // n_vocab from the vocabulary
+  uint64_t n_params = 0;  // elements of all tensors
+};
+
 // Preset names valid for `arch` (e.g. "tiny", "gpt2-124m" / "llama-110m", "tinyllama-1.1b").
 std::vector<std::string> make_model_presets(Arch arch);
 
 // Writes the model to `out_path` atomically. Same options -> byte-identical file.
 // Error(INVALID_ARGUMENT) for an unknown preset or a preset/arch mismatch; IO/CORRUPT errors from
 // reading the vocabulary file.
-void make_model(const MakeModelOptions& opt, const std::string& out_path);
+MakeModelResult make_model(const MakeModelOptions& opt, const std::string& out_path);
 
 }  // namespace backprompt

@@ -4,14 +4,9 @@
 #include <cstdint>
 #include <span>
 
-namespace backprompt {
+#include "backprompt/sampling.h"
 
-struct SamplingParams {
-  float temperature = 0.0f;  // 0: greedy (argmax; ties -> lowest id)
-  int32_t top_k = 0;         // 0: off
-  float top_p = 1.0f;        // >= 1: off
-  uint64_t seed = 42;
-};
+namespace backprompt {
 
 // Thread-safety: none (holds RNG state). Copyable: a copy continues the same random stream.
 class Sampler {

@@ -94,6 +94,7 @@ float f16_to_f32(uint16_t h) {
   bits += (127 - 15) << 23;
   if (exp == 0x0f800000) {
     bits += (128 - 16) << 23;  // inf / NaN: exponent all ones, mantissa (payload) kept
+    if (bits & 0x007fffff) bits |= 0x00400000;  // NaN made quiet, as F16C does
   } else if (exp == 0) {
     // Zero or subnormal: m * 2^-24. Add an implicit one and subtract it again as a float, which
     // normalises exactly (both values are representable).

@@ -11,6 +11,9 @@
 
 #include <dnnl.h>
 #include <omp.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -89,6 +92,15 @@ int64_t gemm_block_rows(int64_t n_in) {
 }
 
 }  // namespace
+
+bool cpu_has_f16c() {
+#if defined(__x86_64__) || defined(__i386__)
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  return __get_cpuid(1, &eax, &ebx, &ecx, &edx) != 0 && (ecx & bit_F16C) != 0;
+#else
+  return false;
+#endif
+}
 
 const KernelIsa& kernel_isa() { return *isa_current().load(std::memory_order_relaxed); }
 

@@ -25,6 +25,8 @@ struct KernelIsa {
 };
 
 const KernelIsa* kernel_isa_scalar();
+// The running CPU's F16C flag (CPUID; clang's __builtin_cpu_supports does not know "f16c").
+bool cpu_has_f16c();
 // nullptr when this build or the running CPU cannot run that instruction set.
 const KernelIsa* kernel_isa_avx2();
 const KernelIsa* kernel_isa_avx512();

@@ -1,0 +1,248 @@
+// The AVX-512 kernel table (F, BW, VL, DQ with FMA and F16C): 16 floats per vector.
+//
+// Compiled without -march flags: every function that uses these instructions carries
+// BP_TARGET_AVX512, and kernel_isa_avx512() hands the table out only when the running CPU has
+// them. Keep standard-library templates out of the target functions (their instantiations
+// would be shared with generic code); tile loops use their own small helpers.
+//
+// Decode matvec: a tile of RW weight rows times NX activation rows keeps RW * NX vector
+// accumulators in registers; each weight vector is loaded (and converted to f32) once per tile
+// and used NX times. Weight values are converted exactly (f16, bf16 -> f32 are exact; a Q8_0
+// value d * q is exact in f32), so the only rounding is in the f32 sums.
+#include <cstdint>
+#include <cstring>
+
+#include "backprompt/error.h"
+#include "tensor/dtype.h"
+#include "tensor/kernels_simd.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+
+// GCC 12 warns that _mm512_undefined_*() inside its own intrinsic headers "may be used
+// uninitialized" (a false positive; the value is deliberately undefined).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
+#include <immintrin.h>
+
+#define BP_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+
+namespace backprompt::detail {
+
+namespace {
+
+constexpr int64_t V = 16;  // f32 lanes per vector
+
+inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+BP_TARGET_AVX512 inline __mmask16 tail_mask(int64_t n_left) {
+  return static_cast<__mmask16>((1u << n_left) - 1);  // n_left in [1, 15]
+}
+
+// Loaders: 16 weights of a row starting at element k, as f32. `part` loads the first lanes of
+// `m` and zeroes the rest (masked loads never touch memory past the row).
+struct LoadF32 {
+  static constexpr bool Q8 = false;
+  BP_TARGET_AVX512 static __m512 full(const uint8_t* row, int64_t k) {
+    return _mm512_loadu_ps(reinterpret_cast<const float*>(row) + k);
+  }
+  BP_TARGET_AVX512 static __m512 part(const uint8_t* row, int64_t k, __mmask16 m) {
+    return _mm512_maskz_loadu_ps(m, reinterpret_cast<const float*>(row) + k);
+  }
+};
+
+struct LoadF16 {
+  static constexpr bool Q8 = false;
+  BP_TARGET_AVX512 static __m512 full(const uint8_t* row, int64_t k) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 2 * k)));
+  }
+  BP_TARGET_AVX512 static __m512 part(const uint8_t* row, int64_t k, __mmask16 m) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, row + 2 * k));
+  }
+};
+
+struct LoadBF16 {
+  static constexpr bool Q8 = false;
+  BP_TARGET_AVX512 static __m512 widen(__m256i h) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  BP_TARGET_AVX512 static __m512 full(const uint8_t* row, int64_t k) {
+    return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 2 * k)));
+  }
+  BP_TARGET_AVX512 static __m512 part(const uint8_t* row, int64_t k, __mmask16 m) {
+    return widen(_mm256_maskz_loadu_epi16(m, row + 2 * k));
+  }
+};
+
+struct LoadQ8_0 {
+  static constexpr bool Q8 = true;
+  BP_TARGET_AVX512 static __m512 scale(const uint8_t* row, int64_t b) {
+    return _mm512_set1_ps(_cvtsh_ss(reinterpret_cast<const BlockQ8_0*>(row)[b].d));
+  }
+  // Values [16 * s, 16 * s + 16) of block b, times the block's scale d.
+  BP_TARGET_AVX512 static __m512 half(const uint8_t* row, int64_t b, int s, __m512 d) {
+    const int8_t* q = reinterpret_cast<const BlockQ8_0*>(row)[b].q + V * s;
+    const __m512i qi = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+    return _mm512_mul_ps(d, _mm512_cvtepi32_ps(qi));
+  }
+};
+
+// y[j * ldy + i] = dot(row i of w, x row j) for i < RW, j < NX; x rows are ldx apart.
+template <class L, int RW, int NX>
+BP_TARGET_AVX512 void tile(const uint8_t* const* w, const float* x, int64_t ldx, int64_t n_in,
+                           float* y, int64_t ldy) {
+  __m512 acc[RW][NX];  // in registers once unrolled
+#pragma GCC unroll 8
+  for (int i = 0; i < RW; ++i) {
+#pragma GCC unroll 4
+    for (int j = 0; j < NX; ++j) acc[i][j] = _mm512_setzero_ps();
+  }
+  if constexpr (L::Q8) {
+    const int64_t n_blocks = n_in / Q8_0_BLOCK;
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      __m512 d[RW];
+#pragma GCC unroll 8
+      for (int i = 0; i < RW; ++i) d[i] = L::scale(w[i], b);
+#pragma GCC unroll 2
+      for (int s = 0; s < 2; ++s) {
+        __m512 xv[NX];
+#pragma GCC unroll 4
+        for (int j = 0; j < NX; ++j) xv[j] = _mm512_loadu_ps(x + j * ldx + b * Q8_0_BLOCK + s * V);
+#pragma GCC unroll 8
+        for (int i = 0; i < RW; ++i) {
+          const __m512 wv = L::half(w[i], b, s, d[i]);
+#pragma GCC unroll 4
+          for (int j = 0; j < NX; ++j) acc[i][j] = _mm512_fmadd_ps(wv, xv[j], acc[i][j]);
+        }
+      }
+    }
+  } else {
+    int64_t k = 0;
+    for (; k + V <= n_in; k += V) {
+      __m512 xv[NX];
+#pragma GCC unroll 4
+      for (int j = 0; j < NX; ++j) xv[j] = _mm512_loadu_ps(x + j * ldx + k);
+#pragma GCC unroll 8
+      for (int i = 0; i < RW; ++i) {
+        const __m512 wv = L::full(w[i], k);
+#pragma GCC unroll 4
+        for (int j = 0; j < NX; ++j) acc[i][j] = _mm512_fmadd_ps(wv, xv[j], acc[i][j]);
+      }
+    }
+    if (k < n_in) {
+      const __mmask16 m = tail_mask(n_in - k);
+      __m512 xv[NX];
+#pragma GCC unroll 4
+      for (int j = 0; j < NX; ++j) xv[j] = _mm512_maskz_loadu_ps(m, x + j * ldx + k);
+#pragma GCC unroll 8
+      for (int i = 0; i < RW; ++i) {
+        const __m512 wv = L::part(w[i], k, m);
+#pragma GCC unroll 4
+        for (int j = 0; j < NX; ++j) acc[i][j] = _mm512_fmadd_ps(wv, xv[j], acc[i][j]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < RW; ++i) {
+#pragma GCC unroll 4
+    for (int j = 0; j < NX; ++j) y[j * ldy + i] = _mm512_reduce_add_ps(acc[i][j]);
+  }
+}
+
+// n_rows (<= 8) weight rows starting at r, times NX activation rows: tiles of RW rows, then
+// single rows. One activation row gets 8-row tiles (8 independent FMA chains); more get 4.
+template <class L, int NX>
+BP_TARGET_AVX512 void rows_times_x(const MatrixView& w, int64_t r, int64_t n_rows, const float* x,
+                                   float* y) {
+  constexpr int RW = NX == 1 ? 8 : 4;
+  const uint8_t* rows[8];
+  for (int64_t i = 0; i < n_rows; ++i) rows[i] = w.row(r + i);
+  int64_t i = 0;
+  for (; i + RW <= n_rows; i += RW) tile<L, RW, NX>(rows + i, x, w.n_in, w.n_in, y + i, w.n_out);
+  for (; i < n_rows; ++i) tile<L, 1, NX>(rows + i, x, w.n_in, w.n_in, y + i, w.n_out);
+}
+
+template <class L>
+BP_TARGET_AVX512 void matvec_typed(const MatrixView& w, const float* x, int64_t n, float* y,
+                                   int64_t r0, int64_t r1) {
+  // Rows in groups of 8 (read from memory once), each group times the activations in groups
+  // of up to 4 (the group's rows stay in L1/L2 between activation groups).
+  for (int64_t r = r0; r < r1; r += 8) {
+    const int64_t n_rows = min_i64(8, r1 - r);
+    for (int64_t j = 0; j < n; j += 4) {
+      const float* xj = x + j * w.n_in;  // [nx][n_in]
+      float* yj = y + j * w.n_out + r;   // [nx][n_out], from column r
+      switch (min_i64(4, n - j)) {
+        case 1: rows_times_x<L, 1>(w, r, n_rows, xj, yj); break;
+        case 2: rows_times_x<L, 2>(w, r, n_rows, xj, yj); break;
+        case 3: rows_times_x<L, 3>(w, r, n_rows, xj, yj); break;
+        default: rows_times_x<L, 4>(w, r, n_rows, xj, yj); break;
+      }
+    }
+  }
+}
+
+BP_TARGET_AVX512 void matvec_avx512(const MatrixView& w, const float* x, int64_t n, float* y,
+                                    int64_t r0, int64_t r1) {
+  switch (w.type) {
+    case DType::F32: matvec_typed<LoadF32>(w, x, n, y, r0, r1); return;
+    case DType::F16: matvec_typed<LoadF16>(w, x, n, y, r0, r1); return;
+    case DType::BF16: matvec_typed<LoadBF16>(w, x, n, y, r0, r1); return;
+    case DType::Q8_0: matvec_typed<LoadQ8_0>(w, x, n, y, r0, r1); return;
+  }
+  BP_ASSERT(false && "unknown dtype");
+}
+
+template <class L>
+BP_TARGET_AVX512 void dequantize_elem(const void* src, float* dst, int64_t n) {
+  const auto* row = static_cast<const uint8_t*>(src);
+  int64_t k = 0;
+  for (; k + V <= n; k += V) _mm512_storeu_ps(dst + k, L::full(row, k));
+  if (k < n) {
+    const __mmask16 m = tail_mask(n - k);
+    _mm512_mask_storeu_ps(dst + k, m, L::part(row, k, m));
+  }
+}
+
+BP_TARGET_AVX512 void dequantize_row_avx512(DType t, const void* src, float* dst, int64_t n) {
+  BP_ASSERT(n >= 0 && n % dtype_block_size(t) == 0);
+  switch (t) {
+    case DType::F32: std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float)); return;
+    case DType::F16: dequantize_elem<LoadF16>(src, dst, n); return;
+    case DType::BF16: dequantize_elem<LoadBF16>(src, dst, n); return;
+    case DType::Q8_0: {
+      const auto* row = static_cast<const uint8_t*>(src);
+      for (int64_t b = 0; b < n / Q8_0_BLOCK; ++b) {
+        const __m512 d = LoadQ8_0::scale(row, b);
+        _mm512_storeu_ps(dst + b * Q8_0_BLOCK, LoadQ8_0::half(row, b, 0, d));
+        _mm512_storeu_ps(dst + b * Q8_0_BLOCK + V, LoadQ8_0::half(row, b, 1, d));
+      }
+      return;
+    }
+  }
+  BP_ASSERT(false && "unknown dtype");
+}
+
+const KernelIsa AVX512 = {"avx512", matvec_avx512, dequantize_row_avx512};
+
+}  // namespace
+
+const KernelIsa* kernel_isa_avx512() {
+  __builtin_cpu_init();
+  const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                  __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                  __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                  cpu_has_f16c();
+  return ok ? &AVX512 : nullptr;
+}
+
+}  // namespace backprompt::detail
+
+#else  // not x86
+
+namespace backprompt::detail {
+const KernelIsa* kernel_isa_avx512() { return nullptr; }
+}  // namespace backprompt::detail
+
+#endif
