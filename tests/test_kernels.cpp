@@ -485,7 +485,7 @@ struct Shape {
 
 void check_all_paths(bool integers) {
   IsaRestore restore;
-  const int64_t ns[] = {1, 2, 3, 4, 5, 7, 8, 9, 64, 300};
+  const int64_t ns[] = {1, 2, 3, 4, 5, 7, 8, 9, 33, 64, 300};
   for (DType t : ALL_TYPES) {
     std::vector<Shape> shapes = {{32, 1}, {64, 7}, {96, 33}, {768, 129}};
     if (t != DType::Q8_0) shapes.insert(shapes.end(), {{17, 5}, {50, 19}, {8, 3}});

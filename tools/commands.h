@@ -25,5 +25,8 @@ class UsageError : public std::runtime_error {
 CommandRun setup_generate(CLI::App& cmd);    // tools/generate.cpp
 CommandRun setup_tokenize(CLI::App& cmd);    // tools/tokenize.cpp
 CommandRun setup_make_model(CLI::App& cmd);  // tools/make_model.cpp
+CommandRun setup_bench(CLI::App& cmd);       // tools/bench.cpp
+CommandRun setup_score(CLI::App& cmd);       // tools/score.cpp
+CommandRun setup_graph(CLI::App& cmd);       // tools/graph.cpp
 
 }  // namespace backprompt::tools

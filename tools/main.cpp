@@ -26,6 +26,9 @@ const CommandEntry COMMANDS[] = {
     {"generate", "Generate text from a prompt, streaming tokens to stdout", bt::setup_generate},
     {"tokenize", "Print the token ids of a text", bt::setup_tokenize},
     {"make-model", "Write a model with random weights in a real shape (GGUF)", bt::setup_make_model},
+    {"bench", "Measure prefill and decode speed (tokens per second)", bt::setup_bench},
+    {"score", "Score completions of a prompt by log-probability (prompt computed once)", bt::setup_score},
+    {"graph", "Write Graphviz DOT of texts, their segments and the cache nodes they use", bt::setup_graph},
 };
 
 int report_error(const std::string& message, int exit_code) {

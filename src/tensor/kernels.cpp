@@ -1,6 +1,6 @@
 // matmul and matrix_get_row: picks the instruction set once, then one of two strategies:
 //
-//   n <= MATMUL_FUSED_MAX_N (decode): our fused kernels, parallel over output rows, each weight
+//   n <= MATMUL_FUSED_MAX_N (decode, small batches): our fused kernels, parallel over output rows, each weight
 //     row read once from memory and dotted with every activation row (memory-bound);
 //   larger n (prefill, batches): oneDNN sgemm, on the weights directly when they are f32, else on
 //     blocks of rows dequantized to f32 into a scratch buffer (compute-bound).

@@ -104,6 +104,8 @@ BP_TARGET_AVX512 void tile(const uint8_t* const* w, const float* x, int64_t ldx,
       __m512 d[RW];
 #pragma GCC unroll 8
       for (int i = 0; i < RW; ++i) d[i] = L::scale(w[i], b);
+#pragma GCC unroll 8
+      for (int i = 0; i < RW; ++i) _mm_prefetch(reinterpret_cast<const char*>(w[i] + (b + 8) * 34), _MM_HINT_T0);
 #pragma GCC unroll 2
       for (int s = 0; s < 2; ++s) {
         __m512 xv[NX];

@@ -68,20 +68,24 @@ PreTokenizer::~PreTokenizer() { pcre2_code_free(code_); }
 void PreTokenizer::split(std::string_view text, std::vector<std::string_view>& words) const {
   if (text.empty()) return;
   std::unique_ptr<pcre2_match_data, MatchDataDeleter> md(pcre2_match_data_create_from_pattern(code_, nullptr));
-  std::unique_ptr<pcre2_match_context, MatchContextDeleter> mc(pcre2_match_context_create(nullptr));
-  if (!md || !mc) throw Error(ErrorCode::OUT_OF_MEMORY, "pre-tokenizer: cannot allocate PCRE2 match data");
-  // The JIT's default 32 KiB stack could be exhausted by pathological texts; give it room.
+  if (!md) throw Error(ErrorCode::OUT_OF_MEMORY, "pre-tokenizer: cannot allocate PCRE2 match data");
+  // The JIT runs on a 32 KiB stack by default; only a pathological text needs more, and only
+  // then is a larger one made (per call: nothing is shared between threads).
+  std::unique_ptr<pcre2_match_context, MatchContextDeleter> mc;
   std::unique_ptr<pcre2_jit_stack, JitStackDeleter> jit_stack;
-  if (jit_) {
-    jit_stack.reset(pcre2_jit_stack_create(32 * 1024, 8 * 1024 * 1024, nullptr));
-    if (jit_stack) pcre2_jit_stack_assign(mc.get(), nullptr, jit_stack.get());
-  }
 
   const auto* subject = reinterpret_cast<PCRE2_SPTR>(text.data());
   const size_t n = text.size();
   size_t pos = 0;
   while (pos < n) {
-    const int rc = pcre2_match(code_, subject, n, pos, 0, md.get(), mc.get());
+    int rc = pcre2_match(code_, subject, n, pos, 0, md.get(), mc.get());
+    if (rc == PCRE2_ERROR_JIT_STACKLIMIT && !jit_stack) {
+      mc.reset(pcre2_match_context_create(nullptr));
+      jit_stack.reset(pcre2_jit_stack_create(64 * 1024, 64 * 1024 * 1024, nullptr));
+      if (!mc || !jit_stack) throw Error(ErrorCode::OUT_OF_MEMORY, "pre-tokenizer: cannot allocate a PCRE2 JIT stack");
+      pcre2_jit_stack_assign(mc.get(), nullptr, jit_stack.get());
+      rc = pcre2_match(code_, subject, n, pos, 0, md.get(), mc.get());
+    }
     if (rc == PCRE2_ERROR_NOMATCH) break;
     if (rc < 0) {
       throw Error(ErrorCode::INVALID_ARGUMENT,

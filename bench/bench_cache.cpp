@@ -1,0 +1,2 @@
+// Cache workloads (skeleton; being written).
+int main() { return 0; }

@@ -1,0 +1,151 @@
+// `backprompt bench -m MODEL [-p 512] [-n 128] [-t THREADS] [-r REPS]`: prefill and decode speed.
+//
+// The model is loaded once; load time is not part of any figure. Each test runs once to warm up
+// (page in the mmap'd weights, grow the allocator's pools), then REPS times; the lines report the
+// mean and the sample standard deviation of tokens per second over those runs:
+//   ppP: one Sequence::append of P random tokens, logits of the last one only (LogitsMode::LAST);
+//   tgN: after a P-token prompt (not timed), N tokens decoded one at a time, each the argmax of
+//        the previous logits; only the N decode steps are timed.
+// Tokens are drawn from a fixed seed, so every run and every model sees the same ones.
+#include <omp.h>
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "backprompt/error.h"
+#include "backprompt/model.h"
+#include "commands.h"
+#include "model/runtime.h"
+
+namespace backprompt::tools {
+
+namespace {
+
+struct BenchOptions {
+  std::string model_path;
+  int32_t n_prompt = 512;
+  int32_t n_gen = 128;
+  int32_t n_threads = 0;  // 0: every core
+  int32_t n_reps = 3;
+};
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+std::vector<int32_t> random_tokens(int32_t n, int32_t n_vocab, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int32_t> pick(0, n_vocab - 1);
+  std::vector<int32_t> out(static_cast<size_t>(n));  // [n]
+  for (int32_t& t : out) t = pick(rng);
+  return out;
+}
+
+int32_t argmax(const std::vector<float>& logits) {
+  return static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+}
+
+// Seconds to prefill `prompt` into a fresh sequence.
+double time_prefill(const Model& model, const std::vector<int32_t>& prompt) {
+  Sequence seq(model);
+  const Clock::time_point t0 = Clock::now();
+  seq.append(prompt, LogitsMode::LAST);
+  return seconds_since(t0);
+}
+
+// Seconds to decode n_gen tokens one at a time after `prompt` (the prompt itself is not timed).
+double time_decode(const Model& model, const std::vector<int32_t>& prompt, int32_t n_gen) {
+  Sequence seq(model);
+  std::vector<float> logits = seq.append(prompt, LogitsMode::LAST);  // [n_vocab]
+  int32_t next = prompt.empty() ? 0 : argmax(logits);
+  const Clock::time_point t0 = Clock::now();
+  for (int32_t i = 0; i < n_gen; ++i) {
+    logits = seq.append(std::span<const int32_t>(&next, 1), LogitsMode::LAST);
+    next = argmax(logits);
+  }
+  return seconds_since(t0);
+}
+
+struct Rate {
+  double mean = 0, stddev = 0;  // tokens per second
+};
+
+// One warm-up run, then n_reps timed runs of `run` (which returns seconds for n_tokens tokens).
+template <typename F>
+Rate measure(int32_t n_reps, int32_t n_tokens, F run) {
+  run();
+  std::vector<double> rates;  // [n_reps] tokens per second
+  for (int32_t r = 0; r < n_reps; ++r) rates.push_back(n_tokens / std::max(run(), 1e-9));
+  Rate out;
+  for (double x : rates) out.mean += x;
+  out.mean /= static_cast<double>(rates.size());
+  if (rates.size() > 1) {
+    double ss = 0;
+    for (double x : rates) ss += (x - out.mean) * (x - out.mean);
+    out.stddev = std::sqrt(ss / static_cast<double>(rates.size() - 1));
+  }
+  return out;
+}
+
+int run_bench(const BenchOptions& opt) {
+  if (opt.n_prompt == 0 && opt.n_gen == 0) throw UsageError("nothing to measure: -p and -n are both 0");
+  const int32_t n_threads = opt.n_threads > 0 ? opt.n_threads : omp_get_num_procs();
+  omp_set_num_threads(n_threads);
+
+  const Clock::time_point t_load = Clock::now();
+  std::shared_ptr<Model> model = Model::load(opt.model_path);
+  const double load_s = seconds_since(t_load);
+  const ModelConfig& cfg = model->config();
+  if (static_cast<int64_t>(opt.n_prompt) + opt.n_gen > cfg.n_ctx) {
+    throw Error(ErrorCode::INVALID_ARGUMENT, "bench: -p " + std::to_string(opt.n_prompt) + " plus -n " +
+                                                 std::to_string(opt.n_gen) + " tokens exceed the context length " +
+                                                 std::to_string(cfg.n_ctx) + " of " + opt.model_path);
+  }
+  std::printf("model: %s (%s, %.2fM params, %s)\n", opt.model_path.c_str(), arch_name(cfg.arch),
+              static_cast<double>(model->n_params()) / 1e6, model->weight_type_name().c_str());
+  std::printf("threads: %d\n", n_threads);
+  std::printf("load: %.3f s (not included below)\n", load_s);
+  std::fflush(stdout);
+
+  const std::vector<int32_t> prompt = random_tokens(opt.n_prompt, cfg.n_vocab, 1234);  // [n_prompt]
+  if (opt.n_prompt > 0) {
+    const Rate r = measure(opt.n_reps, opt.n_prompt, [&] { return time_prefill(*model, prompt); });
+    std::printf("pp%d: %.2f ± %.2f tok/s\n", opt.n_prompt, r.mean, r.stddev);
+    std::fflush(stdout);
+  }
+  if (opt.n_gen > 0) {
+    const Rate r = measure(opt.n_reps, opt.n_gen, [&] { return time_decode(*model, prompt, opt.n_gen); });
+    std::printf("tg%d: %.2f ± %.2f tok/s\n", opt.n_gen, r.mean, r.stddev);
+  }
+  struct rusage ru {};
+  getrusage(RUSAGE_SELF, &ru);
+  std::printf("peak RSS: %.1f MiB\n", static_cast<double>(ru.ru_maxrss) / 1024.0);  // ru_maxrss is in KiB
+  return 0;
+}
+
+}  // namespace
+
+CommandRun setup_bench(CLI::App& cmd) {
+  auto opt = std::make_shared<BenchOptions>();
+  cmd.add_option("-m,--model", opt->model_path, "GGUF model file")->required();
+  cmd.add_option("-p,--n-prompt", opt->n_prompt, "Prompt tokens prefilled in one call (0: skip)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  cmd.add_option("-n,--n-gen", opt->n_gen, "Tokens decoded one at a time after the prompt (0: skip)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  cmd.add_option("-t,--threads", opt->n_threads, "Threads (default: all cores)")->check(CLI::PositiveNumber);
+  cmd.add_option("-r,--reps", opt->n_reps, "Timed runs per test, after one warm-up run")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  return [opt]() { return run_bench(*opt); };
+}
+
+}  // namespace backprompt::tools
