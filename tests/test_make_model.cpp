@@ -182,11 +182,13 @@ TEST(MakeModelLayout, LlamaTensorsAndMetadata) {
 
 TEST(MakeModelWeights, RealisticStatistics) {
   auto f = bp::gguf::File::open(make(bp::Arch::LLAMA, bp::DType::F32, 1, "stats-llama"));
-  auto [m_q, s_q] = stats(*f->find_tensor("blk.0.attn_q.weight"));
-  EXPECT_NEAR(m_q, 0.0, 0.002);
-  EXPECT_NEAR(s_q, 0.02, 0.001);
-  auto [m_o, s_o] = stats(*f->find_tensor("blk.1.ffn_down.weight"));  // 0.02 / sqrt(2 * 2 layers)
-  EXPECT_NEAR(s_o, 0.01, 0.0005);
+  auto [m_q, s_q] = stats(*f->find_tensor("blk.0.attn_q.weight"));  // 1 / sqrt(n_in = 64)
+  EXPECT_NEAR(m_q, 0.0, 0.01);
+  EXPECT_NEAR(s_q, 0.125, 0.005);
+  auto [m_o, s_o] = stats(*f->find_tensor("blk.1.ffn_down.weight"));  // 1 / sqrt(n_in = 128 * 2 * 2 layers)
+  EXPECT_NEAR(s_o, 1.0 / std::sqrt(512.0), 0.002);
+  auto [m_e, s_e] = stats(*f->find_tensor("token_embd.weight"));
+  EXPECT_NEAR(s_e, 0.02, 0.001);
   auto [m_n, s_n] = stats(*f->find_tensor("blk.0.attn_norm.weight"));
   EXPECT_NEAR(m_n, 1.0, 0.01);
   EXPECT_LT(s_n, 0.05);

@@ -1,10 +1,12 @@
 // Deterministic random-weight models in real shapes, written as GGUF (`backprompt make-model`).
 //
-// Tensor names and metadata keys are llama.cpp's, so the files also load there. GPT-2 ties the
-// output projection to token_embd; Llama has a separate `output` tensor. Weights are normal
-// (std 0.02 for matrices, output projections of each block scaled by 1/sqrt(2 n_layer)); norm
-// weights are near 1, biases near 0. Every row of every tensor has its own random stream
-// (seed, tensor name, row), so the file does not depend on the number of threads.
+// Tensor names and metadata keys are llama.cpp's (not tested against llama.cpp). GPT-2 ties the
+// output projection to token_embd; Llama has a separate `output` tensor. Weights are normal:
+// matrices with std 1/sqrt(n_in) (0.02-0.04 at real widths; activations keep unit scale at any
+// width), the block projections into the residual stream further scaled by 1/sqrt(2 n_layer),
+// embeddings 0.02; norm weights near 1, biases near 0. Every row of every tensor has its own
+// random stream (seed, tensor name, row), so the file does not depend on the number of threads.
+// Thread-safety: make_model() may be called concurrently for different output paths.
 #pragma once
 
 #include <cstdint>

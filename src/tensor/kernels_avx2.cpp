@@ -65,8 +65,17 @@ struct LoadBF16 {
   }
 };
 
+// Q8_0 rows stream faster with a software prefetch ahead of the hardware's (measured with the
+// AVX-512 kernels: about +20% at n = 1; the same distance is used here untuned). Prefetches
+// never fault, even past the row's end.
+constexpr int64_t Q8_0_PREFETCH_BLOCKS = 16;
+
 struct LoadQ8_0 {
   static constexpr bool Q8 = true;
+  static void prefetch(const uint8_t* row, int64_t b) {  // an address, not a pointer into the row
+    const uintptr_t at = reinterpret_cast<uintptr_t>(row) + static_cast<uintptr_t>(b) * sizeof(BlockQ8_0);
+    _mm_prefetch(reinterpret_cast<const char*>(at), _MM_HINT_T0);
+  }
   BP_TARGET_AVX2 static __m256 scale(const uint8_t* row, int64_t b) {
     return _mm256_set1_ps(_cvtsh_ss(reinterpret_cast<const BlockQ8_0*>(row)[b].d));
   }
@@ -95,6 +104,8 @@ BP_TARGET_AVX2 void tile(const uint8_t* const* w, const float* x, int64_t ldx, i
       __m256 d[RW];
 #pragma GCC unroll 8
       for (int i = 0; i < RW; ++i) d[i] = L::scale(w[i], b);
+#pragma GCC unroll 8
+      for (int i = 0; i < RW; ++i) L::prefetch(w[i], b + Q8_0_PREFETCH_BLOCKS);
 #pragma GCC unroll 4
       for (int s = 0; s < 4; ++s) {
         __m256 xv[NX];
