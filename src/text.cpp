@@ -116,7 +116,8 @@ std::vector<float> Text::logprobs(size_t begin) const {
   return out;
 }
 
-Text Text::generate(int32_t n, const SamplingParams& sampling) const {
+Text Text::generate(int32_t n, const SamplingParams& sampling, const std::function<bool(int32_t)>& on_token,
+                    uint64_t* rng_state_out) const {
   CacheImpl& c = need_cache(cache_);
   std::lock_guard<std::recursive_mutex> lock(c.mu);
   if (n < 0) throw Error(ErrorCode::INVALID_ARGUMENT, "generate: n must not be negative");
@@ -147,6 +148,7 @@ Text Text::generate(int32_t n, const SamplingParams& sampling) const {
       for (float x : logits) s += std::exp(static_cast<double>(x - m));
       gen_logprobs.push_back(logits[static_cast<size_t>(tok)] - m - static_cast<float>(std::log(s)));
       gen.push_back(tok);
+      const bool go_on = !on_token || on_token(tok);
       std::vector<KvSpanView> past = chain;
       if (t > 0) past.push_back({k.data(), v.data(), t, static_cast<int64_t>(n) * kv});
       ForwardSpan sp;
@@ -161,32 +163,16 @@ Text Text::generate(int32_t n, const SamplingParams& sampling) const {
       forward(*c.model, std::span<const ForwardSpan>(&sp, 1));
       ++c.stats.forward_calls;
       ++c.stats.tokens_computed;
-      if (tok == eos) break;
+      if (tok == eos || !go_on) break;
     }
+    if (rng_state_out) *rng_state_out = sampler.rng_state();
   }
 
   // Put the generated span into the tree: any part already there stays as it is.
   std::vector<int32_t> all = prompt;
   all.insert(all.end(), gen.begin(), gen.end());
-  const int32_t base = static_cast<int32_t>(prompt.size()), n_gen = static_cast<int32_t>(gen.size());
-  for (Node* node : c.tree.insert_path(all)) {
-    if (node->computed) continue;
-    const int32_t a = node->pos0 - base, len = node->n_tokens();
-    BP_ASSERT(a >= 0 && a + len == n_gen);
-    node->k.resize(static_cast<size_t>(cfg.n_layer) * len * kv);
-    node->v.resize(node->k.size());
-    for (int32_t l = 0; l < cfg.n_layer; ++l) {
-      const size_t src = (static_cast<size_t>(l) * n + a) * kv, dst = static_cast<size_t>(l) * len * kv;
-      std::copy_n(k.begin() + src, len * kv, node->k.begin() + dst);
-      std::copy_n(v.begin() + src, len * kv, node->v.begin() + dst);
-    }
-    node->logprobs.assign(gen_logprobs.begin() + a, gen_logprobs.end());
-    node->last_logits = logits;
-    node->computed = true;
-    node->last_used = ++c.tick;
-    c.tree.add_bytes(static_cast<int64_t>(c.tree.node_bytes(*node)));
-  }
-  if (c.tree.bytes() > c.options.memory_budget) c.stats.evictions += c.tree.evict_until(c.options.memory_budget);
+  c.insert_computed(all, static_cast<int32_t>(prompt.size()), k.data(), v.data(), static_cast<int64_t>(n) * kv, gen_logprobs,
+                    logits);
 
   auto seg = std::make_shared<Segment>();
   seg->tokens = gen;

@@ -13,6 +13,8 @@
 #include <sstream>
 #include <string>
 #include <thread>
+#include <chrono>
+#include <cstdio>
 #include <vector>
 
 #include "backprompt/cache.h"
@@ -375,7 +377,8 @@ void check_all_modes(const std::shared_ptr<bp::Model>& model, std::vector<uint32
   Oracle oracle(*model);
   for (uint32_t seed : seeds)
     for (Mode m : {Mode::LAZY, Mode::BATCHED, Mode::SMALL_BUDGET, Mode::SMALL_BUDGET_BATCHED, Mode::SMALL_BATCHES})
-      check_random_graph(model, oracle, seed, m, max_tokens);
+      { auto t0 = std::chrono::steady_clock::now(); check_random_graph(model, oracle, seed, m, max_tokens);
+        fprintf(stderr, "TIMING seed %u mode %s %.2f s\n", seed, mode_name(m), std::chrono::duration<double>(std::chrono::steady_clock::now()-t0).count()); }
 }
 
 // Greedy decoding with the uncached Sequence: up to n tokens, stopping after EOS.

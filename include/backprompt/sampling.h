@@ -10,6 +10,7 @@ struct SamplingParams {
   int32_t top_k = 0;         // 0: off
   float top_p = 1.0f;        // >= 1: off
   uint64_t seed = 42;
+  uint64_t rng_state = 0;    // position of the random stream; 0: start from `seed`
 };
 
 }  // namespace backprompt

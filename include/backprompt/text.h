@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -46,9 +47,12 @@ class Text {
   // log p(token_i | tokens before it) for i = begin .. n_tokens-1 (begin >= 1: the first token
   // has no prediction).
   std::vector<float> logprobs(size_t begin = 1) const;
-  // Continues the text by up to n tokens (stops after EOS). The result's last segment holds the
-  // generated tokens; their K/V are in the cache. Deterministic for a given seed.
-  Text generate(int32_t n, const SamplingParams& sampling = {}) const;
+  // Continues the text by up to n tokens (stops after EOS, or when on_token returns false). The
+  // result's last segment holds the generated tokens; their K/V are in the cache. Deterministic
+  // for a given seed. on_token (optional) sees each token as soon as it is chosen. If
+  // `rng_state_out` is given, it receives the sampler's stream position at the end (to resume).
+  Text generate(int32_t n, const SamplingParams& sampling = {},
+                const std::function<bool(int32_t token)>& on_token = {}, uint64_t* rng_state_out = nullptr) const;
 
   // Keeps this text's nodes from eviction (counted: every pin needs an unpin).
   void pin() const;

@@ -48,6 +48,13 @@ struct CacheImpl {
   std::vector<std::vector<Node*>> evaluate(std::span<const EvalRequest> requests);
   void release_paths(std::vector<std::vector<Node*>>& paths);
 
+  // Puts already computed state for the path `tokens` into the tree: positions [from, n) of the
+  // given K/V ([n_layer][layer_stride/kv_dim][kv_dim], layer l at k + l*layer_stride, position p at
+  // row p - from), logprobs (position p at logprobs[p - from], may be empty) and the logits after
+  // the last token. Parts already in the tree are kept as they are. Evicts if over budget.
+  void insert_computed(std::span<const int32_t> tokens, int32_t from, const float* k, const float* v, int64_t layer_stride,
+                       std::span<const float> logprobs, std::span<const float> last_logits);
+
  private:
   // One group that fits the budget; paths returned in use.
   std::vector<std::vector<Node*>> evaluate_group(std::span<const EvalRequest> requests);

@@ -44,6 +44,33 @@ CacheImpl::CacheImpl(std::shared_ptr<const Model> m, CacheOptions o)
     throw Error(ErrorCode::INVALID_ARGUMENT, "cache: max_batch_tokens must be at least 1");
 }
 
+void CacheImpl::insert_computed(std::span<const int32_t> tokens, int32_t from, const float* k, const float* v,
+                                int64_t layer_stride, std::span<const float> logprobs, std::span<const float> last_logits) {
+  const ModelConfig& c = model->config();
+  const int64_t kv = c.kv_dim();
+  const int32_t n_total = static_cast<int32_t>(tokens.size());
+  for (Node* node : tree.insert_path(tokens)) {
+    if (node->computed) continue;
+    // Everything not yet in the tree lies after `from`: the new nodes come from the given state.
+    const int32_t a = node->pos0 - from, len = node->n_tokens();
+    BP_ASSERT(a >= 0 && node->end() <= n_total);
+    node->k.resize(static_cast<size_t>(c.n_layer) * len * kv);
+    node->v.resize(node->k.size());
+    for (int32_t l = 0; l < c.n_layer; ++l) {
+      const float* ks = k + l * layer_stride + a * kv;
+      const float* vs = v + l * layer_stride + a * kv;
+      std::copy_n(ks, len * kv, node->k.begin() + static_cast<size_t>(l) * len * kv);
+      std::copy_n(vs, len * kv, node->v.begin() + static_cast<size_t>(l) * len * kv);
+    }
+    if (!logprobs.empty()) node->logprobs.assign(logprobs.begin() + a, logprobs.begin() + a + len);
+    if (node->end() == n_total) node->last_logits.assign(last_logits.begin(), last_logits.end());
+    node->computed = true;
+    node->last_used = ++tick;
+    tree.add_bytes(static_cast<int64_t>(tree.node_bytes(*node)));
+  }
+  if (tree.bytes() > options.memory_budget) stats.evictions += tree.evict_until(options.memory_budget);
+}
+
 void CacheImpl::release_paths(std::vector<std::vector<Node*>>& paths) {
   for (auto& p : paths)
     for (Node* n : p) --n->in_use;

@@ -90,8 +90,8 @@ int32_t sample_top_p(const std::vector<float>& probs, float top_p, float coin) {
   if (cand.empty()) {  // only when top_p < 1/n and the distribution is flat: take the likeliest
     return static_cast<int32_t>(std::max_element(probs.begin(), probs.end()) - probs.begin());
   }
-  // Descending probability; equal probabilities keep id order (what glibc's qsort, a merge
-  // sort, gives llama2.c).
+  // Descending probability; equal probabilities keep id order (llama2.c's qsort leaves their
+  // order to the C library; glibc's merge sort also keeps id order).
   std::stable_sort(cand.begin(), cand.end(),
                    [](const Candidate& a, const Candidate& b) { return a.prob > b.prob; });
   float cumulative = 0.0f;
@@ -128,6 +128,7 @@ Sampler::Sampler(const SamplingParams& params) : params_(params) {
   }
   // llama2.c uses the seed as the state. xorshift's state must not be 0 (it would stay 0).
   rng_state_ = params.seed != 0 ? params.seed : 0x9E3779B97F4A7C15ULL;
+  if (params.rng_state != 0) rng_state_ = params.rng_state;  // resuming a saved stream
 }
 
 int32_t Sampler::sample(std::span<const float> logits) {
