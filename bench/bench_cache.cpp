@@ -20,6 +20,7 @@
 //   ratio         cached / runtime: the cache's overhead over pure computation. Goal: <= 1.2.
 // It also checks that cached and from-scratch logprobs agree on the sampled texts.
 #include <omp.h>
+#include <sys/resource.h>
 
 #include <algorithm>
 #include <chrono>
@@ -45,6 +46,15 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+// CPU seconds of this process, all threads: less disturbed than wall time by other processes on a
+// shared machine (but it counts OpenMP threads spinning at barriers).
+double cpu_seconds() {
+  struct rusage ru {};
+  getrusage(RUSAGE_SELF, &ru);
+  return static_cast<double>(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
+         static_cast<double>(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Texts from random words
@@ -173,30 +183,41 @@ float log_sum_exp(const float* x, int64_t n) {
   return m + static_cast<float>(std::log(s));
 }
 
-// Number of distinct prefixes of all paths: the nodes (root excluded) of a trie of the paths.
-// Also returns the tokens of those nodes, in the order they were first met.
-size_t unique_tokens(const std::vector<std::vector<int32_t>>& paths, std::vector<int32_t>* tokens) {
+// The distinct prefixes of all paths: the nodes (root excluded) of a trie of the paths. Their
+// tokens come in the order they were first met; a node's position is its depth - 1.
+struct Unique {
+  std::vector<int32_t> tokens;  // [n_unique]
+  double mean_position = 0;
+};
+
+Unique unique_tokens(const std::vector<std::vector<int32_t>>& paths) {
+  Unique u;
   std::unordered_map<uint64_t, uint32_t> child;  // (node << 32 | token) -> node
   uint32_t n_nodes = 1;                          // node 0 is the root
+  double sum_positions = 0;
   for (const std::vector<int32_t>& p : paths) {
     uint32_t node = 0;
-    for (int32_t t : p) {
-      const uint64_t key = (static_cast<uint64_t>(node) << 32) | static_cast<uint32_t>(t);
+    for (size_t pos = 0; pos < p.size(); ++pos) {
+      const uint64_t key = (static_cast<uint64_t>(node) << 32) | static_cast<uint32_t>(p[pos]);
       auto [it, added] = child.emplace(key, n_nodes);
       if (added) {
         ++n_nodes;
-        tokens->push_back(t);
+        u.tokens.push_back(p[pos]);
+        sum_positions += static_cast<double>(pos);
       }
       node = it->second;
     }
   }
-  return n_nodes - 1;
+  if (!u.tokens.empty()) u.mean_position = sum_positions / static_cast<double>(u.tokens.size());
+  return u;
 }
 
 struct RuntimeTime {
   double forward_s = 0;      // Sequence::append calls
+  double forward_cpu_s = 0;  // their CPU time
   double log_softmax_s = 0;  // log-sum-exp of every logits row (not in forward_s)
   int32_t n_calls = 0;
+  double mean_position = 0;  // of the rows computed
 };
 
 // The pure runtime cost of `tokens` unique tokens with every row's logits (LogitsMode::ALL, as
@@ -204,20 +225,25 @@ struct RuntimeTime {
 // the denominator is the plainest use of the runtime: Sequences over the tokens laid end to end,
 // appended in chunks of at most 512 rows (the cache's default max_batch_tokens) and restarted
 // whenever the next chunk would pass the context length. This approximates, not equals, the
-// cache's work: the matmuls and output projection match row for row, but attention differs
-// with positions (the cache's spans sit deeper in W2, shallower in W1/W3 than here).
+// cache's work: the matmuls and the output projection match row for row, but attention work grows
+// with a row's position, and the positions differ (the cache's rows sit at their depth in the
+// texts, here they run 0 .. n_ctx-1); both mean positions are printed.
 RuntimeTime time_runtime(const bp::Model& model, const std::vector<int32_t>& tokens) {
   const int32_t n_ctx = model.config().n_ctx;
   const int64_t n_vocab = model.config().n_vocab;
   const int32_t chunk = std::min(512, n_ctx);
   RuntimeTime rt;
+  double sum_positions = 0;
   auto seq = std::make_unique<bp::Sequence>(model);
   for (size_t i = 0; i < tokens.size();) {
     const int32_t n = static_cast<int32_t>(std::min<size_t>(static_cast<size_t>(chunk), tokens.size() - i));
     if (seq->n_tokens() + n > n_ctx) seq = std::make_unique<bp::Sequence>(model);
+    sum_positions += static_cast<double>(n) * (seq->n_tokens() + (n - 1) / 2.0);
     const Clock::time_point t0 = Clock::now();
+    const double c0 = cpu_seconds();
     const std::vector<float> logits = seq->append(std::span<const int32_t>(tokens.data() + i, n), bp::LogitsMode::ALL);
     rt.forward_s += seconds_since(t0);
+    rt.forward_cpu_s += cpu_seconds() - c0;
     ++rt.n_calls;
     const Clock::time_point t1 = Clock::now();
     volatile float sink = 0;
@@ -225,7 +251,125 @@ RuntimeTime time_runtime(const bp::Model& model, const std::vector<int32_t>& tok
     rt.log_softmax_s += seconds_since(t1);
     i += static_cast<size_t>(n);
   }
+  if (!tokens.empty()) rt.mean_position = sum_positions / static_cast<double>(tokens.size());
   return rt;
+}
+
+// The same rows as the cache computes, at the same positions, through the runtime alone: the
+// texts' token trie cut into spans where paths branch or end (as the cache's prefix tree is), each
+// span attending to its chain of ancestors, packed in order into forward() calls of at most 512
+// rows (the cache's default max_batch_tokens), every row's logits. What is left between this and
+// the cached time is the cache's own work: tokenizing, the tree, zero-filled node buffers,
+// log-softmax of every row, gathering the outputs. (A span may share a call with its parent's
+// rows: forward() stores each layer's K/V before that layer's attention.)
+struct SpanTime {
+  double forward_s = 0, forward_cpu_s = 0;  // the forward() calls, K/V buffers included
+  int32_t n_calls = 0, n_spans = 0;
+};
+
+SpanTime time_spans(const bp::Model& model, const std::vector<std::vector<int32_t>>& paths) {
+  const bp::ModelConfig& cfg = model.config();
+  const int64_t kv = cfg.kv_dim();
+  struct Span {
+    int32_t parent = -1;  // span index, -1: none
+    int32_t pos0 = 0;
+    std::vector<int32_t> tokens;
+    std::unique_ptr<float[]> k, v;  // [n_layer][n_tokens][kv_dim]
+  };
+  // Trie of tokens first: which nodes branch and where paths end.
+  struct TrieNode {
+    int32_t parent;
+    int32_t token;
+    int32_t n_children = 0;
+    bool ends = false;
+  };
+  std::vector<TrieNode> trie{{-1, -1}};            // [n_nodes], 0 is the root
+  std::unordered_map<uint64_t, int32_t> child;    // (node << 32 | token) -> node
+  for (const std::vector<int32_t>& p : paths) {
+    int32_t node = 0;
+    for (int32_t t : p) {
+      const uint64_t key = (static_cast<uint64_t>(node) << 32) | static_cast<uint32_t>(t);
+      auto [it, added] = child.emplace(key, static_cast<int32_t>(trie.size()));
+      if (added) {
+        trie[static_cast<size_t>(node)].n_children++;
+        trie.push_back({node, t});
+      }
+      node = it->second;
+    }
+    trie[static_cast<size_t>(node)].ends = true;
+  }
+  // Spans: a node continues its parent's span unless the parent is the root, branches or ends a
+  // path. Nodes are numbered parents first, so spans are too.
+  std::vector<Span> spans;
+  std::vector<int32_t> span_of(trie.size(), -1);  // [n_nodes]
+  for (size_t i = 1; i < trie.size(); ++i) {
+    const TrieNode& n = trie[i];
+    const TrieNode& p = trie[static_cast<size_t>(n.parent)];
+    if (n.parent == 0 || p.n_children > 1 || p.ends) {
+      Span s;
+      s.parent = span_of[static_cast<size_t>(n.parent)];
+      s.pos0 = s.parent < 0 ? 0 : spans[static_cast<size_t>(s.parent)].pos0 +
+                                      static_cast<int32_t>(spans[static_cast<size_t>(s.parent)].tokens.size());
+      spans.push_back(std::move(s));
+      span_of[i] = static_cast<int32_t>(spans.size() - 1);
+    } else {
+      span_of[i] = span_of[static_cast<size_t>(n.parent)];
+    }
+    spans[static_cast<size_t>(span_of[i])].tokens.push_back(n.token);
+  }
+
+  SpanTime st;
+  st.n_spans = static_cast<int32_t>(spans.size());
+  const Clock::time_point t0 = Clock::now();
+  const double c0 = cpu_seconds();
+  for (Span& s : spans) {
+    s.k = std::make_unique_for_overwrite<float[]>(static_cast<size_t>(cfg.n_layer) * s.tokens.size() * kv);
+    s.v = std::make_unique_for_overwrite<float[]>(static_cast<size_t>(cfg.n_layer) * s.tokens.size() * kv);
+  }
+  struct Work {
+    int32_t span, begin, end;
+  };
+  std::vector<Work> works;
+  for (size_t i = 0; i < spans.size(); ++i)
+    for (int32_t b = 0; b < static_cast<int32_t>(spans[i].tokens.size()); b += 512)
+      works.push_back({static_cast<int32_t>(i), b, std::min(static_cast<int32_t>(spans[i].tokens.size()), b + 512)});
+  for (size_t next = 0; next < works.size();) {
+    size_t end = next;
+    int32_t rows = 0;
+    while (end < works.size() && (end == next || rows + works[end].end - works[end].begin <= 512)) {
+      rows += works[end].end - works[end].begin;
+      ++end;
+    }
+    std::vector<std::vector<bp::KvSpanView>> pasts(end - next);  // [n_spans_in_call][n_ancestors]
+    std::vector<std::vector<float>> logits(end - next);          // [n_spans_in_call][rows][n_vocab]
+    std::vector<bp::ForwardSpan> batch(end - next);
+    for (size_t i = 0; i < batch.size(); ++i) {
+      const Work& w = works[next + i];
+      Span& s = spans[static_cast<size_t>(w.span)];
+      std::vector<const Span*> chain;
+      for (int32_t a = s.parent; a >= 0; a = spans[static_cast<size_t>(a)].parent) chain.push_back(&spans[static_cast<size_t>(a)]);
+      for (auto it = chain.rbegin(); it != chain.rend(); ++it)
+        pasts[i].push_back({(*it)->k.get(), (*it)->v.get(), static_cast<int32_t>((*it)->tokens.size()), 0});
+      const int64_t stride = static_cast<int64_t>(s.tokens.size()) * kv;
+      if (w.begin > 0) pasts[i].push_back({s.k.get(), s.v.get(), w.begin, stride});
+      logits[i].resize(static_cast<size_t>(w.end - w.begin) * cfg.n_vocab);
+      bp::ForwardSpan& f = batch[i];
+      f.past = pasts[i];
+      f.tokens = std::span<const int32_t>(s.tokens.data() + w.begin, static_cast<size_t>(w.end - w.begin));
+      f.pos0 = s.pos0 + w.begin;
+      f.k_out = s.k.get() + w.begin * kv;
+      f.v_out = s.v.get() + w.begin * kv;
+      f.out_layer_stride = stride;
+      f.logits = bp::LogitsMode::ALL;
+      f.logits_out = logits[i].data();
+    }
+    bp::forward(model, batch);
+    ++st.n_calls;
+    next = end;
+  }
+  st.forward_s = seconds_since(t0);
+  st.forward_cpu_s = cpu_seconds() - c0;
+  return st;
 }
 
 // Logprobs of tokens 1.. of `path` computed from scratch.
@@ -241,55 +385,80 @@ std::vector<float> scratch_logprobs(const bp::Model& model, const std::vector<in
   return lp;
 }
 
+// One cached evaluation of a workload, as a user writes it.
+struct CachedRun {
+  double total_s = 0, eval_s = 0, read_s = 0, cpu_s = 0;
+  bp::CacheStats stats;                      // after eval (reading outputs back re-walks the tree)
+  std::vector<std::vector<float>> logprobs;  // [n_texts][n_tokens - 1]
+  std::vector<std::vector<int32_t>> paths;   // [n_texts][n_tokens]
+};
+
+CachedRun run_cached(const std::shared_ptr<bp::Model>& model, const Workload& wl) {
+  CachedRun c;
+  const Clock::time_point t0 = Clock::now();
+  const double c0 = cpu_seconds();
+  bp::Cache cache(model);
+  std::vector<bp::Text> texts;
+  for (const std::vector<std::string>& segs : wl.texts) {
+    bp::Text t = cache.text(segs[0]);
+    for (size_t i = 1; i < segs.size(); ++i) t = t + segs[i];
+    texts.push_back(std::move(t));
+  }
+  bp::EvalOptions eo;
+  eo.logprobs = true;
+  cache.eval(texts, eo);
+  c.eval_s = seconds_since(t0);
+  c.stats = cache.stats();
+  const Clock::time_point t1 = Clock::now();
+  for (const bp::Text& t : texts) c.logprobs.push_back(t.logprobs());
+  c.read_s = seconds_since(t1);
+  c.total_s = seconds_since(t0);
+  c.cpu_s = cpu_seconds() - c0;
+  for (const bp::Text& t : texts) c.paths.push_back(t.tokens());
+  return c;
+}
+
 struct Result {
   std::string name;
   size_t n_texts = 0, n_tokens = 0, n_unique = 0, min_len = 0, max_len = 0;
-  double cached_s = 0, eval_s = 0, read_s = 0;
-  bp::CacheStats stats;
+  double unique_mean_position = 0;
+  CachedRun cached;  // the fastest of the reps (its own cpu time)
   double scratch_s = 0;
   size_t n_sampled = 0;
-  RuntimeTime runtime;
+  RuntimeTime runtime;  // the fastest of the reps
+  SpanTime spans;       // the fastest of the reps
   double max_diff = 0;
 };
 
-Result run_workload(const std::shared_ptr<bp::Model>& model, const Workload& wl, size_t n_sample) {
+// `n_reps` alternating rounds of (cached, runtime alone, runtime on the spans), keeping the fastest of each: the
+// minimum is the figure least disturbed by other work on the machine.
+Result run_workload(const std::shared_ptr<bp::Model>& model, const Workload& wl, size_t n_sample, int32_t n_reps) {
   Result r;
   r.name = wl.name;
   r.n_texts = wl.texts.size();
-
-  // Cached: what a user writes.
-  std::vector<std::vector<float>> cached_lp;  // [n_texts][n_tokens - 1]
-  std::vector<std::vector<int32_t>> paths;    // [n_texts][n_tokens]
-  {
-    const Clock::time_point t0 = Clock::now();
-    bp::Cache cache(model);
-    std::vector<bp::Text> texts;
-    for (const std::vector<std::string>& segs : wl.texts) {
-      bp::Text t = cache.text(segs[0]);
-      for (size_t i = 1; i < segs.size(); ++i) t = t + segs[i];
-      texts.push_back(std::move(t));
+  Unique unique;
+  for (int32_t rep = 0; rep < n_reps; ++rep) {
+    CachedRun c = run_cached(model, wl);
+    if (rep == 0) {
+      unique = unique_tokens(c.paths);
+      r.n_unique = unique.tokens.size();
+      r.unique_mean_position = unique.mean_position;
     }
-    bp::EvalOptions eo;
-    eo.logprobs = true;
-    cache.eval(texts, eo);
-    r.eval_s = seconds_since(t0);
-    r.stats = cache.stats();  // the evaluation's work (reading outputs back re-walks the tree)
-    const Clock::time_point t1 = Clock::now();
-    for (const bp::Text& t : texts) cached_lp.push_back(t.logprobs());
-    r.read_s = seconds_since(t1);
-    r.cached_s = seconds_since(t0);
-    for (const bp::Text& t : texts) paths.push_back(t.tokens());
+    if (rep == 0 || c.total_s < r.cached.total_s) r.cached = std::move(c);
+    const RuntimeTime rt = time_runtime(*model, unique.tokens);
+    if (rep == 0 || rt.forward_s < r.runtime.forward_s) r.runtime = rt;
+    const SpanTime st = time_spans(*model, r.cached.paths);
+    if (rep == 0 || st.forward_s < r.spans.forward_s) r.spans = st;
   }
   r.min_len = SIZE_MAX;
-  for (const auto& p : paths) {
+  for (const auto& p : r.cached.paths) {
     r.n_tokens += p.size();
     r.min_len = std::min(r.min_len, p.size());
     r.max_len = std::max(r.max_len, p.size());
   }
-  std::vector<int32_t> unique;
-  r.n_unique = unique_tokens(paths, &unique);
 
   // From scratch, on evenly spaced sample texts.
+  const std::vector<std::vector<int32_t>>& paths = r.cached.paths;
   r.n_sampled = std::min(n_sample, paths.size());
   double sampled_s = 0;
   for (size_t k = 0; k < r.n_sampled; ++k) {
@@ -297,53 +466,59 @@ Result run_workload(const std::shared_ptr<bp::Model>& model, const Workload& wl,
     const Clock::time_point t0 = Clock::now();
     const std::vector<float> lp = scratch_logprobs(*model, paths[i]);
     sampled_s += seconds_since(t0);
-    BP_ASSERT(lp.size() == cached_lp[i].size());
+    BP_ASSERT(lp.size() == r.cached.logprobs[i].size());
     for (size_t j = 0; j < lp.size(); ++j)
-      r.max_diff = std::max(r.max_diff, static_cast<double>(std::fabs(lp[j] - cached_lp[i][j])));
+      r.max_diff = std::max(r.max_diff, static_cast<double>(std::fabs(lp[j] - r.cached.logprobs[i][j])));
   }
   r.scratch_s = r.n_sampled ? sampled_s / static_cast<double>(r.n_sampled) * static_cast<double>(paths.size()) : 0;
-
-  r.runtime = time_runtime(*model, unique);
   return r;
 }
 
-void print_result(const Result& r, const Workload& wl) {
+void print_result(const Result& r, const Workload& wl, int32_t n_reps) {
+  const CachedRun& c = r.cached;
   std::printf("%s: %s (%zu texts of %zu-%zu tokens, %zu tokens in all)\n", r.name.c_str(), wl.what.c_str(), r.n_texts,
               r.min_len, r.max_len, r.n_tokens);
-  std::printf("  cached:        %8.2f s  (eval %.2f s + reading logprobs %.2f s); %llu tokens computed, %llu reused, "
+  std::printf("  cached:        %8.2f s  (eval %.2f s + reading logprobs %.2f s; cpu %.2f s%s); %llu tokens computed, "
               "%llu forward calls, %llu evictions\n",
-              r.cached_s, r.eval_s, r.read_s, static_cast<unsigned long long>(r.stats.tokens_computed),
-              static_cast<unsigned long long>(r.stats.tokens_reused),
-              static_cast<unsigned long long>(r.stats.forward_calls), static_cast<unsigned long long>(r.stats.evictions));
+              c.total_s, c.eval_s, c.read_s, c.cpu_s, n_reps > 1 ? "; fastest of the reps" : "",
+              static_cast<unsigned long long>(c.stats.tokens_computed),
+              static_cast<unsigned long long>(c.stats.forward_calls), static_cast<unsigned long long>(c.stats.evictions));
   std::printf("  from scratch:  %8.2f s  (%s %zu of %zu texts: %.3f s per text)\n", r.scratch_s,
               r.n_sampled < r.n_texts ? "EXTRAPOLATED from" : "all", r.n_sampled, r.n_texts,
               r.n_sampled ? r.scratch_s / static_cast<double>(r.n_texts) : 0.0);
-  std::printf("  unique tokens: %8zu    (%.1fx fewer than in all texts)\n", r.n_unique,
-              static_cast<double>(r.n_tokens) / static_cast<double>(std::max<size_t>(1, r.n_unique)));
-  std::printf("  runtime alone: %8.2f s  (%zu unique tokens, ALL logits, %d Sequence::append calls of <= 512; "
-              "log-softmax of those rows would add %.2f s)\n",
-              r.runtime.forward_s, r.n_unique, r.runtime.n_calls, r.runtime.log_softmax_s);
-  std::printf("  cached / runtime alone: %.2f (goal <= 1.2); speedup over scratch: %.1fx\n",
-              r.cached_s / r.runtime.forward_s, r.scratch_s / r.cached_s);
+  std::printf("  unique tokens: %8zu    (%.1fx fewer than in all texts; mean position %.0f)\n", r.n_unique,
+              static_cast<double>(r.n_tokens) / static_cast<double>(std::max<size_t>(1, r.n_unique)),
+              r.unique_mean_position);
+  std::printf("  runtime alone: %8.2f s  (cpu %.2f s; %d Sequence::append calls of <= 512 rows, ALL logits, mean "
+              "position %.0f; the log-softmax of those rows takes %.2f s more)\n",
+              r.runtime.forward_s, r.runtime.forward_cpu_s, r.runtime.n_calls, r.runtime.mean_position,
+              r.runtime.log_softmax_s);
+  std::printf("  cached / runtime alone: %.2f (goal <= 1.2; by cpu time %.2f); speedup over scratch: %.1fx\n",
+              c.total_s / r.runtime.forward_s, c.cpu_s / r.runtime.forward_cpu_s, r.scratch_s / c.total_s);
   std::printf("  check: max |logprob cached - scratch| on the sampled texts: %.2g\n", r.max_diff);
   std::fflush(stdout);
 }
-
 int run(int argc, char** argv) {
   std::string model_path;
   bool quick = false;
   size_t n_sample = 8;
   int n_threads = 0;
+  int32_t n_reps = 1;
+  std::string only;  // run only this workload (e.g. W3)
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--quick") quick = true;
     else if (a == "--sample" && i + 1 < argc) n_sample = static_cast<size_t>(std::max(1, std::atoi(argv[++i])));
+    else if (a == "--only" && i + 1 < argc) only = argv[++i];
+    else if (a == "--reps" && i + 1 < argc) n_reps = std::max(1, std::atoi(argv[++i]));
     else if ((a == "-t" || a == "--threads") && i + 1 < argc) n_threads = std::atoi(argv[++i]);
     else if (a == "-h" || a == "--help") {
-      std::printf("usage: bench_cache MODEL [--quick] [--sample N] [-t THREADS]\n"
+      std::printf("usage: bench_cache MODEL [--quick] [--sample N] [--only W1|W2|W3] [--reps N] [-t THREADS]\n"
                   "Cache workloads W1-W3 (see bench/README.md); MODEL: llama-110m f32 GGUF.\n"
                   "  --quick       smaller workloads (smoke run)\n"
                   "  --sample N    texts computed from scratch per workload, extrapolated (default 8)\n"
+                  "  --only W      run one workload\n"
+                  "  --reps N      rounds of (cached, runtime alone), keeping the fastest of each (default 1)\n"
                   "  -t THREADS    OpenMP threads (default: all cores)\n");
       return 0;
     } else if (model_path.empty() && !a.empty() && a[0] != '-') model_path = a;
@@ -372,16 +547,18 @@ int run(int argc, char** argv) {
   const std::vector<Workload> workloads = make_workloads(model->tokenizer(), quick ? QUICK : FULL);
   std::vector<Result> results;
   for (const Workload& wl : workloads) {
-    results.push_back(run_workload(model, wl, n_sample));
-    print_result(results.back(), wl);
+    if (!only.empty() && wl.name != only) continue;
+    results.push_back(run_workload(model, wl, n_sample, n_reps));
+    print_result(results.back(), wl, n_reps);
   }
 
-  std::printf("\n%-4s %6s %8s %8s %9s %10s %11s %9s %10s %7s\n", "", "texts", "tokens", "unique", "computed",
-              "cached_s", "scratch_s*", "speedup", "runtime_s", "ratio");
+  std::printf("\n%-4s %6s %8s %8s %9s %10s %11s %9s %10s %7s %9s\n", "", "texts", "tokens", "unique", "computed",
+              "cached_s", "scratch_s*", "speedup", "runtime_s", "ratio", "cpu_ratio");
   for (const Result& r : results) {
-    std::printf("%-4s %6zu %8zu %8zu %9llu %10.2f %11.2f %8.1fx %10.2f %7.2f\n", r.name.c_str(), r.n_texts, r.n_tokens,
-                r.n_unique, static_cast<unsigned long long>(r.stats.tokens_computed), r.cached_s, r.scratch_s,
-                r.scratch_s / r.cached_s, r.runtime.forward_s, r.cached_s / r.runtime.forward_s);
+    std::printf("%-4s %6zu %8zu %8zu %9llu %10.2f %11.2f %8.1fx %10.2f %7.2f %9.2f\n", r.name.c_str(), r.n_texts,
+                r.n_tokens, r.n_unique, static_cast<unsigned long long>(r.cached.stats.tokens_computed),
+                r.cached.total_s, r.scratch_s, r.scratch_s / r.cached.total_s, r.runtime.forward_s,
+                r.cached.total_s / r.runtime.forward_s, r.cached.cpu_s / r.runtime.forward_cpu_s);
   }
   std::printf("* scratch_s is extrapolated from %zu sampled texts per workload where a workload has more.\n", n_sample);
   std::printf("ratio = cached_s / runtime_s (runtime alone on the unique tokens); goal <= 1.2\n");

@@ -70,13 +70,18 @@ Cache::Cache(std::shared_ptr<const Model> model, CacheOptions options) {
   impl_ = std::make_shared<CacheImpl>(std::move(model), options);
 }
 
-Cache::~Cache() = default;
+Cache::~Cache() { flush(); }
+
+void Cache::flush() {
+  std::lock_guard<std::recursive_mutex> lock(impl_->mu);
+  if (impl_->writer) impl_->writer->flush();
+}
 
 static Text make_text(const std::shared_ptr<CacheImpl>& impl, std::shared_ptr<const Segment> seg) {
   auto segs = std::make_shared<std::vector<std::shared_ptr<const Segment>>>();
   segs->push_back(std::move(seg));
   Text t(impl, std::move(segs));
-  if (impl->options.eager) t.next_logits();
+  if (impl->options.eager && !t.tokens().empty()) t.next_logits();  // no tokens: nothing to compute
   return t;
 }
 

@@ -13,8 +13,6 @@
 #include <sstream>
 #include <string>
 #include <thread>
-#include <chrono>
-#include <cstdio>
 #include <vector>
 
 #include "backprompt/cache.h"
@@ -377,8 +375,7 @@ void check_all_modes(const std::shared_ptr<bp::Model>& model, std::vector<uint32
   Oracle oracle(*model);
   for (uint32_t seed : seeds)
     for (Mode m : {Mode::LAZY, Mode::BATCHED, Mode::SMALL_BUDGET, Mode::SMALL_BUDGET_BATCHED, Mode::SMALL_BATCHES})
-      { auto t0 = std::chrono::steady_clock::now(); check_random_graph(model, oracle, seed, m, max_tokens);
-        fprintf(stderr, "TIMING seed %u mode %s %.2f s\n", seed, mode_name(m), std::chrono::duration<double>(std::chrono::steady_clock::now()-t0).count()); }
+      check_random_graph(model, oracle, seed, m, max_tokens);
 }
 
 // Greedy decoding with the uncached Sequence: up to n tokens, stopping after EOS.
@@ -748,6 +745,84 @@ TEST(CachePin, PinnedPrefixOfLaterTexts) {
   EXPECT_EQ(cache.stats().tokens_computed, s0.tokens_computed);
   system.unpin();
   EXPECT_TRUE(throws_code([&] { system.unpin(); }, bp::ErrorCode::INVALID_ARGUMENT));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Eviction order and the budget
+
+TEST(CacheBudget, LeastRecentlyUsedEvictedFirst) {
+  auto model = tiny_model(bp::Arch::GPT2);
+  Oracle oracle(*model);
+  const bp::ModelConfig& c = model->config();
+  // One 30-token text: K/V, next logits, and room for its logprobs (an evaluation may reserve it).
+  const uint64_t one_text = 30ull * (2 * c.n_layer * c.kv_dim() + 1) * sizeof(float) + static_cast<uint64_t>(c.n_vocab) * sizeof(float);
+  bp::CacheOptions opt;
+  opt.memory_budget = 3 * one_text + 100;  // three such texts, not four
+  bp::Cache cache(model, opt);
+  const bp::Text a = cache.text(std::string(30, 'a')), b = cache.text(std::string(30, 'b')),
+                 cc = cache.text(std::string(30, 'c')), d = cache.text(std::string(30, 'd'));
+  for (const bp::Text* t : {&a, &b, &cc}) EXPECT_TRUE(next_logits_exact(*t, oracle));
+  EXPECT_EQ(cache.stats().evictions, 0u);
+  EXPECT_TRUE(next_logits_exact(a, oracle));  // a is now the most recently used
+  EXPECT_TRUE(next_logits_exact(d, oracle));  // evicts b, the least recently used
+  EXPECT_EQ(cache.stats().evictions, 1u);
+  EXPECT_LE(cache.stats().bytes, opt.memory_budget);
+  const bp::CacheStats s0 = cache.stats();
+  EXPECT_TRUE(next_logits_exact(a, oracle));
+  EXPECT_TRUE(next_logits_exact(d, oracle));
+  EXPECT_EQ(cache.stats().tokens_computed, s0.tokens_computed);
+  EXPECT_TRUE(next_logits_exact(b, oracle));  // recomputed, evicting cc
+  EXPECT_EQ(cache.stats().tokens_computed, s0.tokens_computed + 30);
+  EXPECT_EQ(cache.stats().evictions, 2u);
+}
+
+TEST(CacheBudget, LogitsRecomputedAfterSplitCountAgainstBudget) {
+  // Everything held is pinned and the budget is just what it holds: the logits lost by a split
+  // cannot be brought back without going over, so the text ending at the split point must fail
+  // with OUT_OF_MEMORY (or fit by eviction), never leave the cache over its budget.
+  auto model = tiny_model(bp::Arch::GPT2);
+  Oracle oracle(*model);
+  const int32_t V = model->config().n_vocab;
+  const std::vector<int32_t> base = random_ids(V, 40, 9);
+  std::vector<int32_t> branch(base.begin(), base.begin() + 20);
+  branch.push_back(base[20] == 0 ? 1 : 0);
+  const std::vector<int32_t> prefix(base.begin(), base.begin() + 20);
+
+  uint64_t held = 0;  // bytes of the pinned texts, measured with an ample budget
+  {
+    bp::Cache probe(model);
+    probe.tokens(base).pin();
+    probe.tokens(branch).pin();
+    held = probe.stats().bytes;
+  }
+  bp::CacheOptions opt;
+  opt.memory_budget = held + 16;
+  bp::Cache cache(model, opt);
+  const bp::Text t_base = cache.tokens(base), t_branch = cache.tokens(branch), t_prefix = cache.tokens(prefix);
+  t_base.pin();
+  t_branch.pin();
+  ASSERT_EQ(cache.stats().bytes, held);
+  try {
+    EXPECT_TRUE(next_logits_exact(t_prefix, oracle));
+  } catch (const bp::Error& e) {
+    EXPECT_EQ(e.code(), bp::ErrorCode::OUT_OF_MEMORY) << e.what();
+  }
+  EXPECT_LE(cache.stats().bytes, opt.memory_budget);
+  // The same for a branch's first logprob, which needs the logits at its split point.
+  std::vector<int32_t> branch2(base.begin(), base.begin() + 10);
+  branch2.push_back(base[10] == 0 ? 1 : 0);
+  try {
+    EXPECT_TRUE(logprobs_exact(cache.tokens(branch2), oracle));
+  } catch (const bp::Error& e) {
+    EXPECT_EQ(e.code(), bp::ErrorCode::OUT_OF_MEMORY) << e.what();
+  }
+  EXPECT_LE(cache.stats().bytes, opt.memory_budget);
+  // Unpinned, there is room again and everything is exact.
+  t_base.unpin();
+  t_branch.unpin();
+  EXPECT_TRUE(next_logits_exact(t_prefix, oracle));
+  EXPECT_TRUE(logprobs_exact(t_branch, oracle));
+  EXPECT_LE(cache.stats().bytes, opt.memory_budget);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -44,7 +44,22 @@ void add_completion_options(CLI::App& cmd, CompletionInputs& in) {
   cmd.add_option("--choices", in.choices_file, "File with one completion per line")->required();
   cmd.add_option("--endings", in.endings_file, "File with one ending per line: every choice is followed by every ending");
   cmd.add_option("--budget", in.memory_budget, "Memory budget of the K/V cache in bytes")->capture_default_str();
+  cmd.add_option("--store", in.store, "Persistent K/V store: dir:PATH[?max_bytes=N] or redis://HOST:PORT[/DB]");
+  cmd.add_option("--store-kv-type", in.store_kv_type, "K/V type at rest in the store: f32 (exact), f16, bf16, q8_0")->capture_default_str();
+  cmd.add_flag("--store-zstd", in.store_zstd, "Compress stored K/V with zstd");
   cmd.add_flag("--joined", in.joined, "Tokenize each whole text instead of each piece (cache reuse then follows token prefixes)");
+}
+
+CacheOptions cache_options(const CompletionInputs& in) {
+  CacheOptions co;
+  co.memory_budget = in.memory_budget;
+  co.policy = in.joined ? TokenizePolicy::JOINED : TokenizePolicy::PER_SEGMENT;
+  co.store = in.store;
+  std::optional<KvType> t = kv_type_from_name(in.store_kv_type);
+  if (!t) throw UsageError("--store-kv-type must be f32, f16, bf16 or q8_0, not '" + in.store_kv_type + "'");
+  co.store_kv_type = *t;
+  co.store_zstd = in.store_zstd;
+  return co;
 }
 
 Completions build_completions(const CompletionInputs& in, Cache& cache) {

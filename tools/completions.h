@@ -19,7 +19,13 @@ struct CompletionInputs {
   std::string endings_file;
   uint64_t memory_budget = 2ull << 30;
   bool joined = false;  // tokenize the joined string instead of each segment
+  std::string store;    // persistent K/V store URI ("" = none)
+  std::string store_kv_type = "f32";
+  bool store_zstd = false;
 };
+
+// Cache options from the shared command-line options. UsageError for a bad K/V type.
+CacheOptions cache_options(const CompletionInputs& in);
 
 // Declares -m, --prompt/--prompt-file, --choices, --endings, --budget, --joined on `cmd`.
 void add_completion_options(CLI::App& cmd, CompletionInputs& in);

@@ -24,10 +24,7 @@ struct GraphOptions {
 };
 
 int run_graph(const GraphOptions& opt) {
-  CacheOptions co;
-  co.memory_budget = opt.in.memory_budget;
-  co.policy = opt.in.joined ? TokenizePolicy::JOINED : TokenizePolicy::PER_SEGMENT;
-  Cache cache(Model::load(opt.in.model_path), co);
+  Cache cache(Model::load(opt.in.model_path), cache_options(opt.in));
   Completions comp = build_completions(opt.in, cache);
   if (!opt.no_eval) cache.eval(comp.texts);
   const std::string dot = cache.to_dot(comp.texts);

@@ -33,10 +33,7 @@ struct Score {
 
 int run_score(const ScoreOptions& opt) {
   if (opt.n_threads > 0) omp_set_num_threads(opt.n_threads);
-  CacheOptions co;
-  co.memory_budget = opt.in.memory_budget;
-  co.policy = opt.in.joined ? TokenizePolicy::JOINED : TokenizePolicy::PER_SEGMENT;
-  Cache cache(Model::load(opt.in.model_path), co);
+  Cache cache(Model::load(opt.in.model_path), cache_options(opt.in));
   Completions comp = build_completions(opt.in, cache);
 
   const size_t n_prompt = comp.prompt_text.tokens().size();
@@ -84,6 +81,7 @@ int run_score(const ScoreOptions& opt) {
   for (const Score& s : scores) z += std::exp(s.sum - max_sum);
   for (Score& s : scores) s.prob = std::exp(s.sum - max_sum) / z;
 
+  cache.flush();
   const CacheStats st = cache.stats();
   if (opt.json) {
     nlohmann::ordered_json j;
@@ -91,7 +89,8 @@ int run_score(const ScoreOptions& opt) {
     for (size_t i = 0; i < scores.size(); ++i)
       j["completions"].push_back({{"text", comp.labels[i]}, {"n_tokens", scores[i].n_tokens}, {"sum_logprob", scores[i].sum},
                                   {"mean_logprob", scores[i].mean}, {"prob", scores[i].prob}});
-    j["stats"] = {{"tokens_computed", st.tokens_computed}, {"tokens_reused", st.tokens_reused}};
+    j["stats"] = {{"tokens_computed", st.tokens_computed}, {"tokens_reused", st.tokens_reused}, {"tokens_recomputed", st.tokens_recomputed}};
+    if (!opt.in.store.empty()) j["stats"]["tokens_loaded"] = st.tokens_loaded;
     std::printf("%s\n", j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
     return 0;
   }
@@ -106,8 +105,9 @@ int run_score(const ScoreOptions& opt) {
     std::printf("%-*s %8zu %12.4f %12.4f %10.4f\n", static_cast<int>(width), label.c_str(), scores[i].n_tokens, scores[i].sum,
                 scores[i].mean, scores[i].prob);
   }
-  std::fprintf(stderr, "tokens computed: %llu, reused from cache: %llu\n", static_cast<unsigned long long>(st.tokens_computed),
-               static_cast<unsigned long long>(st.tokens_reused));
+  std::fprintf(stderr, "tokens computed: %llu, reused from cache: %llu, loaded from store: %llu\n",
+               static_cast<unsigned long long>(st.tokens_computed), static_cast<unsigned long long>(st.tokens_reused),
+               static_cast<unsigned long long>(st.tokens_loaded));
   return 0;
 }
 

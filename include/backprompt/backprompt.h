@@ -5,5 +5,6 @@
 #include "backprompt/error.h"
 #include "backprompt/model.h"
 #include "backprompt/sampling.h"
+#include "backprompt/snapshot.h"
 #include "backprompt/text.h"
 #include "backprompt/tokenizer.h"

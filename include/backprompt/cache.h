@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "backprompt/model.h"
+#include "backprompt/snapshot.h"
 #include "backprompt/text.h"
 
 namespace backprompt {
@@ -30,6 +31,12 @@ struct CacheOptions {
   TokenizePolicy policy = TokenizePolicy::PER_SEGMENT;
   bool eager = false;                   // evaluate every Text as soon as it is built
   int32_t max_batch_tokens = 512;       // rows per forward call (bounds activation memory)
+  // Persistent store consulted after memory and before computing: "" (none), "dir:PATH[?max_bytes=N]"
+  // or "redis://HOST:PORT[/DB]". Newly computed blocks are written behind the computation.
+  std::string store;
+  int32_t store_block_size = 64;        // tokens per store block
+  KvType store_kv_type = KvType::F32;   // K/V at rest in the store (only F32 is exact)
+  bool store_zstd = false;              // zstd on top of store_kv_type
 };
 
 struct EvalOptions {
@@ -40,6 +47,7 @@ struct EvalOptions {
 struct CacheStats {
   uint64_t tokens_computed = 0;    // tokens whose K/V were computed
   uint64_t tokens_reused = 0;      // tokens of evaluated texts served from the tree
+  uint64_t tokens_loaded = 0;      // tokens whose K/V came from the store
   uint64_t tokens_recomputed = 0;  // tokens re-run only for outputs missing after a split
   uint64_t n_nodes = 0;            // nodes in the tree now
   uint64_t bytes = 0;              // bytes held now
@@ -61,7 +69,16 @@ class Cache {
   // the budget and max_batch_tokens allow. Error(OUT_OF_MEMORY) if one text alone cannot fit.
   void eval(std::span<const Text> texts, const EvalOptions& options = {});
 
+  // Loads a snapshot written by Text::save(): its state goes into the tree (nothing is
+  // recomputed) and the result is a text of one token segment whose string is the saved text's.
+  // `sampler_state` (optional) receives the saved sampler state. Everything is checked before the
+  // cache changes: Error(MODEL_MISMATCH) naming the model or the tokenizer, Error(CORRUPT_FILE)
+  // naming the section, Error(IO_ERROR). See snapshot.h.
+  Text restore(const std::string& path, SamplingParams* sampler_state = nullptr);
+
   CacheStats stats() const;
+  // Waits until every block queued for the store is written (the destructor does too).
+  void flush();
   const Model& model() const;
   const CacheOptions& options() const;
 

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "backprompt/sampling.h"
+#include "backprompt/snapshot.h"
 
 namespace backprompt {
 
@@ -53,6 +54,11 @@ class Text {
   // `rng_state_out` is given, it receives the sampler's stream position at the end (to resume).
   Text generate(int32_t n, const SamplingParams& sampling = {},
                 const std::function<bool(int32_t token)>& on_token = {}, uint64_t* rng_state_out = nullptr) const;
+
+  // Writes a snapshot of this text (evaluating it first; logprobs are saved where already
+  // computed, NaN elsewhere) to `path`, atomically (see snapshot.h). Error(IO_ERROR) on failure,
+  // Error(INVALID_ARGUMENT) for a text with no tokens.
+  void save(const std::string& path, const SnapshotOptions& options = {}) const;
 
   // Keeps this text's nodes from eviction (counted: every pin needs an unpin).
   void pin() const;

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <map>
+#include <unordered_set>
 #include <memory>
 #include <mutex>
 #include <span>
@@ -10,6 +11,8 @@
 
 #include "backprompt/cache.h"
 #include "cache/prefix_tree.h"
+#include "store/block.h"
+#include "store/store.h"
 
 namespace backprompt::detail {
 
@@ -27,8 +30,16 @@ struct EvalRequest {
   size_t logprobs_from = 1;
 };
 
+// The at-rest codec of a public K/V storage type.
+KvCodec kv_codec_for(KvType type, bool zstd);
+
+struct StoreKeyHash {
+  size_t operator()(const StoreKey& k) const { return static_cast<size_t>(k.hi ^ (k.lo * 0x9E3779B97F4A7C15ULL)); }
+};
+
 struct CacheImpl {
   CacheImpl(std::shared_ptr<const Model> m, CacheOptions o);
+  ~CacheImpl();
 
   std::shared_ptr<const Model> model;
   CacheOptions options;
@@ -55,10 +66,24 @@ struct CacheImpl {
   void insert_computed(std::span<const int32_t> tokens, int32_t from, const float* k, const float* v, int64_t layer_stride,
                        std::span<const float> logprobs, std::span<const float> last_logits);
 
+  // The store (src/cache/persist.cpp). load_from_store fills the pending nodes at the start of
+  // the path's missing part with whatever whole blocks (and exact-path entry) the store has;
+  // write_to_store queues the path's blocks the store does not have yet.
+  std::unique_ptr<Store> store;
+  std::unique_ptr<StoreWriter> writer;
+  BlockContext block_ctx;
+  std::unordered_set<Node*> loaded_nodes;  // filled from the store during the current evaluation
+  void load_from_store(std::span<const int32_t> tokens);
+  void write_to_store(std::span<const int32_t> tokens, const std::vector<Node*>& path);
+
  private:
   // One group that fits the budget; paths returned in use.
   std::vector<std::vector<Node*>> evaluate_group(std::span<const EvalRequest> requests);
   std::map<std::pair<std::string, bool>, std::vector<int32_t>> segment_memo_;
+  std::unordered_set<StoreKey, StoreKeyHash> known_keys_;  // in the store (read or written)
+  // Copies positions [node.pos0, node.end()) of a state that starts at `from` into a pending node.
+  void fill_node(Node& node, int32_t from, const float* k, const float* v, int64_t layer_stride,
+                 std::span<const float> logprobs, std::span<const float> last_logits, int32_t n_total);
 };
 
 }  // namespace backprompt::detail

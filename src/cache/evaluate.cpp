@@ -42,32 +42,55 @@ CacheImpl::CacheImpl(std::shared_ptr<const Model> m, CacheOptions o)
     : model(std::move(m)), options(o), tree(model->config()) {
   if (options.max_batch_tokens < 1)
     throw Error(ErrorCode::INVALID_ARGUMENT, "cache: max_batch_tokens must be at least 1");
+  if (!options.store.empty()) {
+    if (options.store_block_size < 1) throw Error(ErrorCode::INVALID_ARGUMENT, "cache: store_block_size must be at least 1");
+    const ModelConfig& c = model->config();
+    block_ctx.model_fp = model->fingerprint();
+    block_ctx.tokenizer_fp = model->tokenizer_fingerprint();
+    block_ctx.codec = kv_codec_for(options.store_kv_type, options.store_zstd);
+    block_ctx.n_layer = c.n_layer;
+    block_ctx.kv_dim = c.kv_dim();
+    block_ctx.n_vocab = c.n_vocab;
+    block_ctx.block_size = options.store_block_size;
+    store = Store::open(options.store);
+    writer = std::make_unique<StoreWriter>(*store);
+  }
+}
+
+CacheImpl::~CacheImpl() = default;
+
+void CacheImpl::fill_node(Node& node, int32_t from, const float* k, const float* v, int64_t layer_stride,
+                          std::span<const float> logprobs, std::span<const float> last_logits, int32_t n_total) {
+  const ModelConfig& c = model->config();
+  const int64_t kv = c.kv_dim();
+  const int32_t a = node.pos0 - from, len = node.n_tokens();
+  BP_ASSERT(!node.computed && a >= 0 && node.end() <= n_total);
+  node.k.resize(static_cast<size_t>(c.n_layer) * len * kv);
+  node.v.resize(node.k.size());
+  for (int32_t l = 0; l < c.n_layer; ++l) {
+    std::copy_n(k + l * layer_stride + a * kv, len * kv, node.k.begin() + static_cast<size_t>(l) * len * kv);
+    std::copy_n(v + l * layer_stride + a * kv, len * kv, node.v.begin() + static_cast<size_t>(l) * len * kv);
+  }
+  if (!logprobs.empty()) {
+    // A node keeps logprobs only if every one is known (the text's first token has none).
+    node.logprobs.assign(logprobs.begin() + a, logprobs.begin() + a + len);
+    for (int32_t i = 0; i < len; ++i)
+      if (std::isnan(node.logprobs[static_cast<size_t>(i)]) && node.pos0 + i > 0) {
+        node.logprobs.clear();
+        break;
+      }
+  }
+  if (node.end() == n_total && !last_logits.empty()) node.last_logits.assign(last_logits.begin(), last_logits.end());
+  node.computed = true;
+  node.last_used = ++tick;
+  tree.add_bytes(static_cast<int64_t>(tree.node_bytes(node)));
 }
 
 void CacheImpl::insert_computed(std::span<const int32_t> tokens, int32_t from, const float* k, const float* v,
                                 int64_t layer_stride, std::span<const float> logprobs, std::span<const float> last_logits) {
-  const ModelConfig& c = model->config();
-  const int64_t kv = c.kv_dim();
-  const int32_t n_total = static_cast<int32_t>(tokens.size());
-  for (Node* node : tree.insert_path(tokens)) {
-    if (node->computed) continue;
-    // Everything not yet in the tree lies after `from`: the new nodes come from the given state.
-    const int32_t a = node->pos0 - from, len = node->n_tokens();
-    BP_ASSERT(a >= 0 && node->end() <= n_total);
-    node->k.resize(static_cast<size_t>(c.n_layer) * len * kv);
-    node->v.resize(node->k.size());
-    for (int32_t l = 0; l < c.n_layer; ++l) {
-      const float* ks = k + l * layer_stride + a * kv;
-      const float* vs = v + l * layer_stride + a * kv;
-      std::copy_n(ks, len * kv, node->k.begin() + static_cast<size_t>(l) * len * kv);
-      std::copy_n(vs, len * kv, node->v.begin() + static_cast<size_t>(l) * len * kv);
-    }
-    if (!logprobs.empty()) node->logprobs.assign(logprobs.begin() + a, logprobs.begin() + a + len);
-    if (node->end() == n_total) node->last_logits.assign(last_logits.begin(), last_logits.end());
-    node->computed = true;
-    node->last_used = ++tick;
-    tree.add_bytes(static_cast<int64_t>(tree.node_bytes(*node)));
-  }
+  // Everything not yet in the tree lies after `from`: the new nodes come from the given state.
+  for (Node* node : tree.insert_path(tokens))
+    if (!node->computed) fill_node(*node, from, k, v, layer_stride, logprobs, last_logits, static_cast<int32_t>(tokens.size()));
   if (tree.bytes() > options.memory_budget) stats.evictions += tree.evict_until(options.memory_budget);
 }
 
@@ -103,6 +126,9 @@ std::vector<std::vector<Node*>> CacheImpl::evaluate_group(std::span<const EvalRe
 
   // 1. Paths: insert all first (inserting may split nodes of earlier paths), then walk again.
   for (const EvalRequest& r : requests) tree.insert_path(r.tokens);
+  loaded_nodes.clear();
+  if (store)
+    for (const EvalRequest& r : requests) load_from_store(r.tokens);
   std::vector<std::vector<Node*>> paths;
   std::vector<Node*> pending;  // topological: parents first
   std::unordered_set<Node*> seen;
@@ -112,8 +138,11 @@ std::vector<std::vector<Node*>> CacheImpl::evaluate_group(std::span<const EvalRe
     for (Node* n : paths.back()) {
       ++n->in_use;
       n->last_used = tick;
-      if (n->computed) reused += static_cast<uint64_t>(n->n_tokens());
-      else if (seen.insert(n).second) pending.push_back(n);
+      if (!n->computed) {
+        if (seen.insert(n).second) pending.push_back(n);
+      } else if (!loaded_nodes.count(n)) {
+        reused += static_cast<uint64_t>(n->n_tokens());
+      }
     }
   }
 
@@ -171,9 +200,13 @@ std::vector<std::vector<Node*>> CacheImpl::evaluate_group(std::span<const EvalRe
   for (Node* n : pending) needed += tree.pending_bytes(n->n_tokens());
   for (Node* n : lp_nodes)
     if (n->computed) needed += static_cast<uint64_t>(n->n_tokens() + c.n_vocab) * sizeof(float);
+  for (const Work& w : works)  // logits rows brought back to computed nodes that lost them in a split
+    if (w.refresh && w.mode == LogitsMode::LAST && w.node->last_logits.empty())
+      needed += static_cast<uint64_t>(c.n_vocab) * sizeof(float);
   auto abandon = [&] {
     release_paths(paths);
     tree.remove_pending();
+    if (tree.bytes() > options.memory_budget) stats.evictions += tree.evict_until(options.memory_budget);
   };
   if (tree.bytes() + needed > options.memory_budget) {
     if (needed <= options.memory_budget) stats.evictions += tree.evict_until(options.memory_budget - needed);
@@ -278,6 +311,8 @@ std::vector<std::vector<Node*>> CacheImpl::evaluate_group(std::span<const EvalRe
     tree.add_bytes(static_cast<int64_t>(tree.node_bytes(*n)) - static_cast<int64_t>(old_bytes));
   stats.tokens_reused += reused;
   stats.tokens_recomputed += refresh_tokens;
+  if (store)
+    for (size_t i = 0; i < requests.size(); ++i) write_to_store(requests[i].tokens, paths[i]);
   if (tree.bytes() > options.memory_budget) stats.evictions += tree.evict_until(options.memory_budget);
   return paths;
 }

@@ -64,6 +64,9 @@ class PrefixTree {
   uint64_t bytes() const { return bytes_; }
   uint64_t n_nodes() const { return n_nodes_; }
 
+  // Splits n so that it keeps tokens [0, at) and a new child holds [at, n). n must not be in use.
+  void split(Node& n, int32_t at);
+
   // Evicts unpinned, unused, computed leaves, least recently used first, until at most
   // `target` bytes are held or nothing more can go. Returns the number evicted.
   uint64_t evict_until(uint64_t target);
@@ -78,8 +81,6 @@ class PrefixTree {
       visit(*c, f);
     }
   }
-  // Splits n so that it keeps tokens [0, at) and a new child holds [at, n).
-  void split(Node& n, int32_t at);
   Node* add_child(Node& parent, std::vector<int32_t> tokens);
   void remove(Node& n);
 
