@@ -381,11 +381,13 @@ TEST(StoreDir, LruEvictionKeepsRecentlyReadFiles) {
   tick();
   for (int i = 0; i < 3; ++i) ASSERT_TRUE(store->get(key_of(i)).has_value());
   tick();
-  // Each time the total passes 10000 the oldest files go until it is at most 9000: 3 and 4 at
-  // block 10, 5 and 6 at 12, 7 and 8 at 14.
+  // Each time the total passes 10000 the oldest files go until it is at most 9000: two of 3..9
+  // at blocks 10, 12 and 14 each (which ones among equal mtimes is unspecified).
   for (int i = 10; i < 16; ++i) store->put(key_of(i), value);
   for (int i = 0; i < 3; ++i) EXPECT_TRUE(store->get(key_of(i)).has_value()) << "recently read block " << i << " evicted";
-  for (int i = 3; i < 9; ++i) EXPECT_FALSE(store->get(key_of(i)).has_value()) << "old block " << i << " kept";
+  int n_old_kept = 0;
+  for (int i = 3; i < 10; ++i) n_old_kept += fs::exists(dir + "/" + key_of(i).hex().substr(0, 2) + "/" + key_of(i).hex());
+  EXPECT_EQ(n_old_kept, 1);
   for (int i = 10; i < 16; ++i) EXPECT_TRUE(store->get(key_of(i)).has_value()) << "new block " << i << " evicted";
   uintmax_t total = 0;
   for (const auto& e : fs::recursive_directory_iterator(dir))

@@ -28,5 +28,6 @@ CommandRun setup_make_model(CLI::App& cmd);  // tools/make_model.cpp
 CommandRun setup_bench(CLI::App& cmd);       // tools/bench.cpp
 CommandRun setup_score(CLI::App& cmd);       // tools/score.cpp
 CommandRun setup_graph(CLI::App& cmd);       // tools/graph.cpp
+CommandRun setup_inspect(CLI::App& cmd);     // tools/inspect.cpp
 
 }  // namespace backprompt::tools

@@ -29,6 +29,7 @@ const CommandEntry COMMANDS[] = {
     {"bench", "Measure prefill and decode speed (tokens per second)", bt::setup_bench},
     {"score", "Score completions of a prompt by log-probability (prompt computed once)", bt::setup_score},
     {"graph", "Write Graphviz DOT of texts, their segments and the cache nodes they use", bt::setup_graph},
+    {"inspect", "Print the header of a snapshot file (format, fingerprints, tokens, K/V storage, sections)", bt::setup_inspect},
 };
 
 int report_error(const std::string& message, int exit_code) {

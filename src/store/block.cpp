@@ -176,10 +176,11 @@ std::vector<uint8_t> encode_block(const BlockContext& ctx, const BlockData& data
   };
   offsets[0] = out.size();
   append_raw(data.tokens.data(), n * sizeof(int32_t));
+  // No K/V (an exact-path entry with an empty tail): empty sections, whatever the codec.
   offsets[1] = out.size();
-  kv_encode(ctx.codec, data.k, out);
+  if (n_kv) kv_encode(ctx.codec, data.k, out);
   offsets[2] = out.size();
-  kv_encode(ctx.codec, data.v, out);
+  if (n_kv) kv_encode(ctx.codec, data.v, out);
   offsets[3] = out.size();
   append_raw(data.logprobs.data(), data.logprobs.size() * sizeof(float));
   offsets[4] = out.size();
@@ -246,8 +247,9 @@ BlockData decode_block(const BlockContext& ctx, std::span<const uint8_t> bytes) 
   const uint64_t n = static_cast<uint64_t>(h.n);
   const uint64_t want_bytes[N_SECTIONS] = {n * 4, 0, 0, (h.flags & FLAG_LOGPROBS) ? n * 4 : 0,
                                            (h.flags & FLAG_LAST_LOGITS) ? uint64_t(ctx.n_vocab) * 4 : 0};
-  for (int s : {0, 3, 4})
-    if (h.section_bytes[s] != want_bytes[s])
+  const bool no_kv = uint64_t(ctx.n_layer) * n * uint64_t(ctx.kv_dim) == 0;
+  for (int s = 0; s < N_SECTIONS; ++s)
+    if ((s == 0 || s >= 3 || no_kv) && h.section_bytes[s] != want_bytes[s])
       corrupt(std::string("section ") + SECTION_NAMES[s] + " has " + std::to_string(h.section_bytes[s]) +
               " bytes, expected " + std::to_string(want_bytes[s]));
   size_t offsets[N_SECTIONS + 1];
@@ -265,8 +267,10 @@ BlockData decode_block(const BlockContext& ctx, std::span<const uint8_t> bytes) 
   const size_t n_kv = static_cast<size_t>(ctx.n_layer) * n * static_cast<size_t>(ctx.kv_dim);
   d.k.resize(n_kv);
   d.v.resize(n_kv);
-  kv_decode(ctx.codec, bytes.subspan(offsets[1], h.section_bytes[1]), d.k, "store block section k");
-  kv_decode(ctx.codec, bytes.subspan(offsets[2], h.section_bytes[2]), d.v, "store block section v");
+  if (!no_kv) {
+    kv_decode(ctx.codec, bytes.subspan(offsets[1], h.section_bytes[1]), d.k, "store block section k");
+    kv_decode(ctx.codec, bytes.subspan(offsets[2], h.section_bytes[2]), d.v, "store block section v");
+  }
   if (h.flags & FLAG_LOGPROBS) {
     d.logprobs.resize(n);
     std::memcpy(d.logprobs.data(), bytes.data() + offsets[3], n * 4);

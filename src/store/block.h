@@ -12,8 +12,8 @@
 //            u32 flags, u32 reserved, then for each of the 5 sections below u64 size + u64
 //            XXH3-64 of its bytes, then u64 XXH3-64 of all the header bytes before it.
 //   sections tokens    [n] i32
-//            k         kv_encode([n_layer][n][kv_dim])   (codec from the context)
-//            v         kv_encode([n_layer][n][kv_dim])
+//            k         kv_encode([n_layer][n][kv_dim])   (codec from the context; empty if n = 0)
+//            v         kv_encode([n_layer][n][kv_dim])   (likewise)
 //            logprobs  [n] f32, or empty                 (flag 1)
 //            logits    [n_vocab] f32, or empty           (flag 2: the logits after tokens[n-1])
 // The file is exactly the header followed by the sections.

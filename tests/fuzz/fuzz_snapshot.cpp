@@ -14,46 +14,19 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
 #include "backprompt/error.h"
 #include "snapshot_format.h"
 
+#define XXH_INLINE_ALL
+#include <xxhash.h>
+
 namespace snap = backprompt::snapshot;
 
-#ifndef FUZZ_MAKE_SEEDS
-
-extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  const std::span<const uint8_t> bytes(data, size);
-  try {
-    const snap::Header h = snap::decode_header(bytes, "fuzz");
-    volatile uint64_t sink = h.n_tokens + static_cast<uint64_t>(h.kv_dim());
-    (void)sink;
-  } catch (const backprompt::Error&) {
-  }
-  try {
-    snap::Header h;
-    const std::vector<snap::SectionInfo> sections = snap::scan(bytes, "fuzz", &h);
-    for (const snap::SectionInfo& s : sections)
-      if (s.kind == snap::SectionKind::SAMPLER) (void)snap::decode_sampler(bytes, s, "fuzz");
-  } catch (const backprompt::Error&) {
-  }
-  try {
-    const snap::Snapshot s = snap::decode(bytes, "fuzz", uint64_t(1) << 22);
-    if (s.header.codec.type == backprompt::DType::F32 && !s.header.codec.zstd) {
-      const std::vector<uint8_t> again = snap::encode(s);
-      if (again.size() != size || !std::equal(again.begin(), again.end(), data)) {
-        std::fprintf(stderr, "fuzz_snapshot: a decoded f32 snapshot did not encode back to its bytes\n");
-        std::abort();
-      }
-    }
-  } catch (const backprompt::Error&) {
-  }
-  return 0;
-}
-
-#else
+#ifdef FUZZ_MAKE_SEEDS
 
 int main(int argc, char** argv) {
   if (argc != 2) {
@@ -98,6 +71,63 @@ int main(int argc, char** argv) {
     }
   }
   std::printf("wrote %d seeds to %s\n", n_written, dir.c_str());
+  return 0;
+}
+
+#else
+
+namespace {
+
+// Rewrites each section's checksum to match its payload, following the length fields as far as
+// they stay inside the input, so that mutations reach the checks behind the checksums.
+std::vector<uint8_t> with_checksums_fixed(std::span<const uint8_t> in) {
+  std::vector<uint8_t> out(in.begin(), in.end());
+  size_t at = snap::PREAMBLE_BYTES;
+  while (at + snap::SECTION_HEADER_BYTES <= out.size()) {
+    uint64_t length;
+    std::memcpy(&length, out.data() + at + 8, sizeof length);
+    const size_t payload = at + snap::SECTION_HEADER_BYTES;
+    if (length > out.size() - payload) break;
+    const uint64_t sum = XXH3_64bits(out.data() + payload, length);
+    std::memcpy(out.data() + at + 16, &sum, sizeof sum);
+    at = payload + length;
+  }
+  return out;
+}
+
+void decode_all(std::span<const uint8_t> bytes) {
+  try {
+    const snap::Header h = snap::decode_header(bytes, "fuzz");
+    volatile uint64_t sink = h.n_tokens + static_cast<uint64_t>(h.kv_dim());
+    (void)sink;
+  } catch (const backprompt::Error&) {
+  }
+  try {
+    snap::Header h;
+    const std::vector<snap::SectionInfo> sections = snap::scan(bytes, "fuzz", &h);
+    for (const snap::SectionInfo& s : sections)
+      if (s.kind == snap::SectionKind::SAMPLER) (void)snap::decode_sampler(bytes, s, "fuzz");
+  } catch (const backprompt::Error&) {
+  }
+  try {
+    const snap::Snapshot s = snap::decode(bytes, "fuzz", uint64_t(1) << 22);
+    if (s.header.codec.type == backprompt::DType::F32 && !s.header.codec.zstd) {
+      const std::vector<uint8_t> again = snap::encode(s);
+      if (again.size() != bytes.size() || !std::equal(again.begin(), again.end(), bytes.begin())) {
+        std::fprintf(stderr, "fuzz_snapshot: a decoded f32 snapshot did not encode back to its bytes\n");
+        std::abort();
+      }
+    }
+  } catch (const backprompt::Error&) {
+  }
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  const std::span<const uint8_t> bytes(data, size);
+  decode_all(bytes);
+  decode_all(with_checksums_fixed(bytes));
   return 0;
 }
 
