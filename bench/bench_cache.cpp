@@ -1,4 +1,5 @@
-// bench_cache MODEL [--quick] [--sample N] [-t THREADS]: the cache on three prompt workloads.
+// bench_cache MODEL [--quick] [--sample N] [--only W] [--reps N] [-t THREADS]: the cache on three
+// prompt workloads (see bench/README.md; bench/run.sh runs it on llama-110m f32).
 //
 // Every workload is a set of texts built by concatenating string pieces (random words from a
 // seeded list, so every run builds the same texts) that share prefixes the way real prompt sets
@@ -16,8 +17,10 @@
 //                 total is extrapolated (mean time per text x number of texts); labelled so.
 //   unique        the number of distinct token-path prefixes over all texts (the nodes of a trie
 //                 of every text's tokens): the least work any exact cache can do.
-//   runtime       what the runtime alone needs for `unique` tokens (see time_runtime below).
-//   ratio         cached / runtime: the cache's overhead over pure computation. Goal: <= 1.2.
+//   runtime alone Sequences over `unique` tokens laid end to end (see time_runtime).
+//   ratio         cached / runtime alone. Goal: <= 1.2.
+//   spans         the very rows the cache computes, at their positions, through forward() alone
+//                 (see time_spans); cached / spans is the cache's own overhead.
 // It also checks that cached and from-scratch logprobs agree on the sampled texts.
 #include <omp.h>
 #include <sys/resource.h>

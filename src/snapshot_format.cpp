@@ -77,7 +77,7 @@ uint32_t check_preamble(std::span<const uint8_t> bytes, const std::string& file)
   if (version > FORMAT_VERSION)
     throw Error(ErrorCode::UNSUPPORTED, "snapshot " + file + ": format version " + std::to_string(version) +
                                             " is newer than this build reads (" + std::to_string(FORMAT_VERSION) + ")");
-  return get<uint32_t>(bytes, 12);
+  return version;
 }
 
 // Reads the header of the section expected at `at` and checks its kind, length and checksum.

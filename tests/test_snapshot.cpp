@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -126,6 +127,7 @@ void check_resume(const std::shared_ptr<bp::Model>& model, const std::string& pr
   EXPECT_EQ(restored.string(), first_string);
   EXPECT_EQ(resumed.seed, sp.seed);
   EXPECT_EQ(resumed.temperature, sp.temperature);
+  EXPECT_EQ(snap::decode_header(read_file(path), path).version, snap::FORMAT_VERSION);
 
   // The restored next logits equal an uncached pass.
   const std::vector<float> got = restored.next_logits();
@@ -564,6 +566,8 @@ struct TypeResult {
   double max_logit_err = 0;    // next logits after restored + more, vs f32
   double max_logprob_err = 0;  // logprobs of `more`'s tokens, vs f32
   bool same_argmax = true;
+  double file_bytes = 0;
+  double save_s = 0, restore_s = 0;  // wall time of save() (text already evaluated) and restore()
 };
 
 // Saves `prompt` with every storage type, restores each into a fresh cache, appends `more` and
@@ -579,9 +583,13 @@ std::vector<TypeResult> measure_types(const std::shared_ptr<bp::Model>& model, c
   for (bp::KvType t : {bp::KvType::F32, bp::KvType::F16, bp::KvType::BF16, bp::KvType::Q8_0}) {
     for (bool zstd : {false, true}) {
       const std::string path = fresh_path(std::string("type-") + bp::kv_type_name(t));
+      const auto t0 = std::chrono::steady_clock::now();
       text.save(path, snapshot_options(t, zstd));
+      const auto t1 = std::chrono::steady_clock::now();
       bp::Cache cache(model);
-      const bp::Text r = cache.restore(path) + more;
+      const bp::Text restored = cache.restore(path);
+      const auto t2 = std::chrono::steady_clock::now();
+      const bp::Text r = restored + more;
       const std::vector<float> logits = r.next_logits();
       const std::vector<float> lp = r.logprobs(text.n_tokens());  // `more`'s tokens
       n_tokens = text.n_tokens();
@@ -591,7 +599,10 @@ std::vector<TypeResult> measure_types(const std::shared_ptr<bp::Model>& model, c
       }
       TypeResult res;
       res.name = std::string(bp::kv_type_name(t)) + (zstd ? "+zstd" : "");
-      res.bytes_per_token = static_cast<double>(std::filesystem::file_size(path)) / static_cast<double>(n_tokens);
+      res.file_bytes = static_cast<double>(std::filesystem::file_size(path));
+      res.bytes_per_token = res.file_bytes / static_cast<double>(n_tokens);
+      res.save_s = std::chrono::duration<double>(t1 - t0).count();
+      res.restore_s = std::chrono::duration<double>(t2 - t1).count();
       const auto cmp = bp::testing::compare_logits(logits.data(), ref_logits.data(), static_cast<int64_t>(logits.size()));
       res.max_logit_err = cmp.max_abs_diff;
       res.same_argmax = cmp.same_argmax;
@@ -603,12 +614,14 @@ std::vector<TypeResult> measure_types(const std::shared_ptr<bp::Model>& model, c
   return out;
 }
 
-void print_table(const std::string& title, const std::vector<TypeResult>& rows) {
-  std::printf("%s\n| K/V type | bytes/token (file) | max |logit err| | max |logprob err| | same argmax |\n"
-              "|---|---|---|---|---|\n", title.c_str());
+void print_table(const std::string& title, size_t n_tokens, const std::vector<TypeResult>& rows) {
+  std::printf("%s, %zu tokens\n| K/V type | bytes/token (file) | max abs logit err | max abs logprob err | same argmax "
+              "| file MB | save s (MB/s) | restore s (MB/s) |\n|---|---|---|---|---|---|---|---|\n",
+              title.c_str(), n_tokens);
   for (const TypeResult& r : rows)
-    std::printf("| %s | %.0f | %.3g | %.3g | %s |\n", r.name.c_str(), r.bytes_per_token, r.max_logit_err,
-                r.max_logprob_err, r.same_argmax ? "yes" : "no");
+    std::printf("| %s | %.0f | %.3g | %.3g | %s | %.2f | %.3f (%.0f) | %.3f (%.0f) |\n", r.name.c_str(), r.bytes_per_token,
+                r.max_logit_err, r.max_logprob_err, r.same_argmax ? "yes" : "no", r.file_bytes / 1e6, r.save_s,
+                r.file_bytes / 1e6 / r.save_s, r.restore_s, r.file_bytes / 1e6 / r.restore_s);
 }
 
 const char* STORY_PROMPT =
@@ -642,20 +655,26 @@ TEST(Snapshot, StorageTypesStories260K) {
   auto model = stories();
   if (!model) GTEST_SKIP() << "test data stories260k/stories260K.gguf not found (BACKPROMPT_TEST_DATA)";
   const auto rows = measure_types(model, STORY_PROMPT, " came down on the roof.");
-  print_table("stories260K", rows);
+  print_table("stories260K", bp::Cache(model).text(STORY_PROMPT).n_tokens(), rows);
   EXPECT_EQ(rows[0].max_logit_err, 0.0);
   EXPECT_EQ(rows[1].max_logit_err, 0.0);
   for (const TypeResult& r : rows) EXPECT_LT(r.max_logit_err, 0.5) << r.name;
 }
 
 // Not a unit test: BACKPROMPT_KV_TABLE_MODEL=path/to/model.gguf prints the table for that model
-// (the README's figures for llama-110m).
+// (the README's figures for llama-110m); BACKPROMPT_KV_TABLE_TOKENS=N makes the prompt about N
+// tokens long (the story repeated).
 TEST(Snapshot, StorageTypesTableForAModel) {
   const char* path = std::getenv("BACKPROMPT_KV_TABLE_MODEL");
   if (!path) GTEST_SKIP() << "set BACKPROMPT_KV_TABLE_MODEL to print the table for a model";
   auto model = bp::Model::load(path);
-  const auto rows = measure_types(model, STORY_PROMPT, " came down on the roof.");
-  print_table(path, rows);
+  const char* n_env = std::getenv("BACKPROMPT_KV_TABLE_TOKENS");
+  const size_t n_want = n_env ? std::strtoul(n_env, nullptr, 10) : 0;
+  std::string prompt = STORY_PROMPT;
+  bp::Cache probe(model);
+  while (probe.text(prompt + " " + STORY_PROMPT).n_tokens() <= n_want) prompt += std::string(" ") + STORY_PROMPT;
+  const auto rows = measure_types(model, prompt, " came down on the roof.");
+  print_table(path, probe.text(prompt).n_tokens(), rows);
   EXPECT_EQ(rows[0].max_logit_err, 0.0);
 }
 
@@ -769,7 +788,7 @@ TEST(SnapshotCli, InspectPrintsTheHeader) {
   EXPECT_NE(r.out.find(std::string("model fingerprint: ") + fp), std::string::npos) << r.out;
   std::snprintf(fp, sizeof fp, "%016llx", static_cast<unsigned long long>(model->tokenizer_fingerprint()));
   EXPECT_NE(r.out.find(std::string("tokenizer fingerprint: ") + fp), std::string::npos) << r.out;
-  EXPECT_NE(r.out.find("format: backprompt snapshot, version 1"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("format: backprompt snapshot, version 1 ("), std::string::npos) << r.out;
   bp::Cache cache(model);
   EXPECT_NE(r.out.find("tokens: " + std::to_string(cache.text("inspect me").n_tokens()) + "\n"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("K/V: q8_0 + zstd"), std::string::npos) << r.out;

@@ -69,7 +69,7 @@ bp::BlockData make_data(const bp::BlockContext& ctx, int seed, int n, bool logpr
 }
 
 bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+  return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
 }
 
 bool same_data(const bp::BlockData& a, const bp::BlockData& b) {

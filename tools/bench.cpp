@@ -14,6 +14,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <random>
 #include <string>
@@ -111,6 +112,10 @@ int run_bench(const BenchOptions& opt) {
   std::printf("model: %s (%s, %.2fM params, %s)\n", opt.model_path.c_str(), arch_name(cfg.arch),
               static_cast<double>(model->n_params()) / 1e6, model->weight_type_name().c_str());
   std::printf("threads: %d\n", n_threads);
+  double load[1] = {0};
+  if (getloadavg(load, 1) == 1) {  // other work on the machine makes every figure below noisy
+    std::printf("load average: %.2f on %d cores before the run\n", load[0], omp_get_num_procs());
+  }
   std::printf("load: %.3f s (not included below)\n", load_s);
   std::fflush(stdout);
 

@@ -171,6 +171,7 @@ void dequantize_row(DType t, const void* src, float* dst, int64_t n) {
 
 void quantize_row(DType t, const float* src, void* dst, int64_t n) {
   BP_ASSERT(n >= 0 && n % dtype_block_size(t) == 0);
+  if (n == 0) return;  // src/dst may be null
   switch (t) {
     case DType::F32:
       std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));

@@ -13,6 +13,7 @@
 #
 # A target is one file tests/fuzz/fuzz_NAME.cpp defining LLVMFuzzerTestOneInput, with lines:
 #   // FUZZ_SOURCES: src/a.cpp src/b.cpp     library sources it needs (repo-relative; required)
+#   // FUZZ_LIBS: -lzstd                      extra link flags (optional)
 #   // FUZZ_SEED_FILES: *.gguf               optional: test-data files (by name glob) used as seeds
 # and optionally a `#ifdef FUZZ_MAKE_SEEDS` main(argc, argv) that writes seed inputs into argv[1];
 # the script builds and runs it (without the fuzzer runtime) before fuzzing. Seeds checked in
@@ -47,6 +48,7 @@ for src in "${targets[@]}"; do
   fi
   # `read -a` splits words without expanding globs (FUZZ_SEED_FILES holds globs meant for find).
   read -r -a source_list <<<"$(sed -n 's#^// FUZZ_SOURCES:##p' "$src")" || true
+  read -r -a libs <<<"$(sed -n 's#^// FUZZ_LIBS:##p' "$src")" || true
   read -r -a seed_globs <<<"$(sed -n 's#^// FUZZ_SEED_FILES:##p' "$src")" || true
   sources=()
   for s in "${source_list[@]}"; do sources+=("$repo/$s"); done
@@ -57,7 +59,7 @@ for src in "${targets[@]}"; do
   fi
 
   echo "== $name: building"
-  if ! "$cxx" "${common_flags[@]}" "${sanitize_flags[@]}" -fsanitize=fuzzer "$src" "${sources[@]}" -o "$out/$name"; then
+  if ! "$cxx" "${common_flags[@]}" "${sanitize_flags[@]}" -fsanitize=fuzzer "$src" "${sources[@]}" "${libs[@]}" -o "$out/$name"; then
     failed+=("$name(build)")
     continue
   fi
@@ -67,7 +69,7 @@ for src in "${targets[@]}"; do
   rm -rf "$seeds"
   mkdir -p "$corpus" "$seeds"
   if grep -q '^#ifdef FUZZ_MAKE_SEEDS' "$src"; then
-    "$cxx" "${common_flags[@]}" "${sanitize_flags[@]}" -DFUZZ_MAKE_SEEDS "$src" "${sources[@]}" -o "$out/$name.seed-maker"
+    "$cxx" "${common_flags[@]}" "${sanitize_flags[@]}" -DFUZZ_MAKE_SEEDS "$src" "${sources[@]}" "${libs[@]}" -o "$out/$name.seed-maker"
     "$out/$name.seed-maker" "$seeds"
   fi
   if [ -d "$repo/tests/fuzz/corpus/$name" ]; then
