@@ -10,6 +10,7 @@
 #   BENCH_QUICK    1: pp64/tg16 and the small cache workloads
 #   BENCH_THREADS  threads (default: all cores)
 #   BENCH_SAMPLE   texts per cache workload computed from scratch and extrapolated (default 8)
+#   BENCH_CACHE_REPS  rounds of each cache measurement, keeping the fastest (default 1)
 #   BENCH_DTYPES   weight types of llama-110m to bench (default "f32 f16 q8_0")
 # Models are cached in bench/out/models/ (delete them to remake). The vocabulary is the Llama
 # SentencePiece one from ../shared/models/ggml-vocab/ when present, else the built-in byte vocab.
@@ -20,6 +21,7 @@ root=$(pwd)
 quick=${BENCH_QUICK:-0}
 reps=${BENCH_REPS:-$([ "$quick" = 1 ] && echo 1 || echo 3)}
 sample=${BENCH_SAMPLE:-8}
+cache_reps=${BENCH_CACHE_REPS:-1}
 dtypes=${BENCH_DTYPES:-f32 f16 q8_0}
 threads_arg=()
 [ -n "${BENCH_THREADS:-}" ] && threads_arg=(-t "$BENCH_THREADS")
@@ -77,7 +79,7 @@ done
 
 echo "== cache workloads (bench_cache, llama-110m f32)"
 cache_log=$out/bench-cache.txt
-"$bench_cache" "$(model_path f32)" --sample "$sample" "${cache_args[@]}" "${threads_arg[@]}" | tee "$cache_log"
+"$bench_cache" "$(model_path f32)" --sample "$sample" --reps "$cache_reps" "${cache_args[@]}" "${threads_arg[@]}" | tee "$cache_log"
 
 echo
 echo "================ summary ($(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg))"

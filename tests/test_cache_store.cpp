@@ -12,6 +12,7 @@
 
 #include "backprompt/cache.h"
 #include "model/runtime.h"
+#include "redis_server.h"
 #include "test_util.h"
 
 namespace bp = backprompt;
@@ -214,6 +215,31 @@ TEST(CacheStoreMisc, SecondProcessComputesOnlyWhatTheFirstDidNotStore) {
   EXPECT_LT(j3["stats"]["tokens_computed"].get<int>(), ju["stats"]["tokens_computed"].get<int>());
   for (size_t i = 0; i < ju["completions"].size(); ++i)
     EXPECT_NEAR(j3["completions"][i]["sum_logprob"].get<double>(), ju["completions"][i]["sum_logprob"].get<double>(), 1e-4);
+}
+
+}  // namespace
+
+namespace {
+
+TEST(CacheStoreMisc, SecondProcessLoadsFromRedis) {
+  if (bp::testing::find_redis_server().empty()) GTEST_SKIP() << "redis-server is not installed (apt install redis-server)";
+  bp::testing::RedisServer redis(fresh_store_dir("redis-cli"));
+  ASSERT_TRUE(redis.running()) << "could not start redis-server";
+  const std::string m = bp::testing::generated_model(bp::Arch::GPT2, bp::DType::F32);
+  const std::string c1 = bp::testing::temp_dir() + "/redis-choices.txt";
+  std::ofstream(c1) << " one\n two\n three\n";
+  const std::string args = "score -m '" + m + "' --prompt 'a prompt shared through redis' --json --choices " + c1 + " --store " + redis.uri(3);
+  const CliOut first = run_cli(args), second = run_cli(args);
+  ASSERT_EQ(first.code, 0);
+  ASSERT_EQ(second.code, 0);
+  const auto j1 = nlohmann::json::parse(first.out), j2 = nlohmann::json::parse(second.out);
+  EXPECT_GT(j1["stats"]["tokens_computed"].get<int>(), 0);
+  EXPECT_EQ(j2["stats"]["tokens_computed"], 0);
+  EXPECT_EQ(j2["stats"]["tokens_loaded"], j1["stats"]["tokens_computed"]);
+  const CliOut uncached = run_cli("score -m '" + m + "' --prompt 'a prompt shared through redis' --json --choices " + c1);
+  const auto ju = nlohmann::json::parse(uncached.out);
+  for (size_t i = 0; i < ju["completions"].size(); ++i)
+    EXPECT_NEAR(j2["completions"][i]["sum_logprob"].get<double>(), ju["completions"][i]["sum_logprob"].get<double>(), 1e-4);
 }
 
 }  // namespace

@@ -116,7 +116,7 @@ int run_bench(const BenchOptions& opt) {
   if (getloadavg(load, 1) == 1) {  // other work on the machine makes every figure below noisy
     std::printf("load average: %.2f on %d cores before the run\n", load[0], omp_get_num_procs());
   }
-  std::printf("load: %.3f s (not included below)\n", load_s);
+  std::printf("model load: %.3f s (not in the figures below)\n", load_s);
   std::fflush(stdout);
 
   const std::vector<int32_t> prompt = random_tokens(opt.n_prompt, cfg.n_vocab, 1234);  // [n_prompt]
