@@ -146,10 +146,10 @@ CommandRun setup_bench(CLI::App& cmd) {
   cmd.add_option("-n,--n-gen", opt->n_gen, "Tokens decoded one at a time after the prompt (0: skip)")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
-  cmd.add_option("-t,--threads", opt->n_threads, "Threads (default: all cores)")->check(CLI::PositiveNumber);
+  cmd.add_option("-t,--threads", opt->n_threads, "Threads (default: all cores)")->check(CLI::Range(1, 4096));
   cmd.add_option("-r,--reps", opt->n_reps, "Timed runs per test, after one warm-up run")
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(CLI::Range(1, 1000000));
   return [opt]() { return run_bench(*opt); };
 }
 

@@ -28,11 +28,17 @@ struct Work {
   LogitsMode mode;
 };
 
+// log Σ exp(x_i): exp in float (vectorisable), sums in eight float lanes folded in double.
 float log_sum_exp(const float* x, int64_t n) {
   float m = -INFINITY;
   for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i]);
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += std::exp(x[i + j] - m);
   double s = 0.0;
-  for (int64_t i = 0; i < n; ++i) s += std::exp(static_cast<double>(x[i] - m));
+  for (int j = 0; j < 8; ++j) s += acc[j];
+  for (; i < n; ++i) s += std::exp(x[i] - m);
   return m + static_cast<float>(std::log(s));
 }
 
@@ -222,8 +228,8 @@ std::vector<std::vector<Node*>> CacheImpl::evaluate_group(std::span<const EvalRe
     if (w.refresh) refreshed_bytes.emplace(w.node, tree.node_bytes(*w.node));
   try {
     for (Node* n : pending) {
-      n->k.assign(static_cast<size_t>(c.n_layer) * n->n_tokens() * kv, 0.0f);
-      n->v.assign(n->k.size(), 0.0f);
+      n->k.resize(static_cast<size_t>(c.n_layer) * n->n_tokens() * kv);  // written whole by forward()
+      n->v.resize(n->k.size());
       n->logprobs.clear();
       if (need_lp.count(n)) n->logprobs.assign(static_cast<size_t>(n->n_tokens()), std::numeric_limits<float>::quiet_NaN());
     }
@@ -275,6 +281,7 @@ std::vector<std::vector<Node*>> CacheImpl::evaluate_group(std::span<const EvalRe
         const Work& w = works[next + i];
         Node* n = w.node;
         if (w.mode == LogitsMode::ALL) {
+#pragma omp parallel for schedule(static) if (w.end - w.begin > 1)
           for (int32_t t = w.begin; t < w.end; ++t) {
             const float* row = logits[i].data() + static_cast<int64_t>(t - w.begin) * c.n_vocab;
             if (t + 1 < n->n_tokens()) n->logprobs[static_cast<size_t>(t + 1)] = row[n->tokens[t + 1]] - log_sum_exp(row, c.n_vocab);

@@ -52,7 +52,7 @@ void PrefixTree::split(Node& n, int32_t at) {
   if (n.computed) {
     // K/V [n_layer][len][kv_dim] -> head [n_layer][at][kv_dim] + tail [n_layer][len-at][kv_dim].
     const int64_t kv = config_.kv_dim();
-    std::vector<float> hk(static_cast<size_t>(config_.n_layer) * at * kv), hv(hk.size());
+    KvBuffer hk(static_cast<size_t>(config_.n_layer) * at * kv), hv(hk.size());
     tail->k.resize(static_cast<size_t>(config_.n_layer) * (len - at) * kv);
     tail->v.resize(tail->k.size());
     for (int32_t l = 0; l < config_.n_layer; ++l) {

@@ -20,12 +20,24 @@
 
 namespace backprompt::detail {
 
+// An allocator whose resize() leaves new floats uninitialised: K/V buffers are always written
+// whole by the runtime or by a copy right after allocation, so zero-filling them is wasted work.
+template <class T>
+struct UninitAllocator : std::allocator<T> {
+  template <class U> struct rebind { using other = UninitAllocator<U>; };
+  UninitAllocator() = default;
+  template <class U> UninitAllocator(const UninitAllocator<U>&) {}
+  template <class U> void construct(U* p) { ::new (static_cast<void*>(p)) U; }
+  template <class U, class... A> void construct(U* p, A&&... a) { ::new (static_cast<void*>(p)) U(std::forward<A>(a)...); }
+};
+using KvBuffer = std::vector<float, UninitAllocator<float>>;
+
 struct Node {
   Node* parent = nullptr;
   std::map<int32_t, std::unique_ptr<Node>> children;  // by first token
   std::vector<int32_t> tokens;   // [n] the span
   int32_t pos0 = 0;              // position of tokens[0] = number of ancestor tokens
-  std::vector<float> k, v;       // [n_layer][n][kv_dim]; allocated when computed (or about to be)
+  KvBuffer k, v;                 // [n_layer][n][kv_dim]; allocated when computed (or about to be)
   std::vector<float> logprobs;   // [n] log p(tokens[i] | before), NaN at position 0; empty if not computed
   std::vector<float> last_logits;  // [n_vocab] after tokens[n-1]; empty if unknown (after a split)
   bool computed = false;

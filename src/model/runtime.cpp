@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
 
 #include "backprompt/error.h"
 #include "model/arch.h"
@@ -43,10 +44,18 @@ void forward(const Model& model, std::span<const ForwardSpan> batch) {
   std::vector<float> h(static_cast<size_t>(n_out * c.n_embd));     // [n_out][n_embd]
   for (int64_t i = 0; i < n_out; ++i)
     std::memcpy(h.data() + i * c.n_embd, x.data() + rows[static_cast<size_t>(i)] * c.n_embd, c.n_embd * sizeof(float));
-  std::vector<float> logits(static_cast<size_t>(n_out * c.n_vocab));  // [n_out][n_vocab]
-  matmul(m.output, h.data(), n_out, logits.data());
+  // Rows bound for one contiguous destination (one span's ALL, or a single LAST) are written in
+  // place; otherwise through a scratch buffer.
+  bool contiguous = true;
+  for (int64_t i = 1; i < n_out && contiguous; ++i) contiguous = dst[static_cast<size_t>(i)] == dst[0] + i * c.n_vocab;
+  if (contiguous) {
+    matmul(m.output, h.data(), n_out, dst[0]);
+    return;
+  }
+  std::unique_ptr<float[]> logits(new float[static_cast<size_t>(n_out * c.n_vocab)]);  // [n_out][n_vocab]
+  matmul(m.output, h.data(), n_out, logits.get());
   for (int64_t i = 0; i < n_out; ++i)
-    std::memcpy(dst[static_cast<size_t>(i)], logits.data() + i * c.n_vocab, c.n_vocab * sizeof(float));
+    std::memcpy(dst[static_cast<size_t>(i)], logits.get() + i * c.n_vocab, c.n_vocab * sizeof(float));
 }
 
 Sequence::Sequence(const Model& model) : model_(model) {}
