@@ -396,11 +396,13 @@ struct CachedRun {
   std::vector<std::vector<int32_t>> paths;   // [n_texts][n_tokens]
 };
 
-CachedRun run_cached(const std::shared_ptr<bp::Model>& model, const Workload& wl) {
+CachedRun run_cached(const std::shared_ptr<bp::Model>& model, const Workload& wl, const std::string& store = "") {
   CachedRun c;
   const Clock::time_point t0 = Clock::now();
   const double c0 = cpu_seconds();
-  bp::Cache cache(model);
+  bp::CacheOptions opt;
+  opt.store = store;
+  bp::Cache cache(model, opt);
   std::vector<bp::Text> texts;
   for (const std::vector<std::string>& segs : wl.texts) {
     bp::Text t = cache.text(segs[0]);
@@ -414,6 +416,7 @@ CachedRun run_cached(const std::shared_ptr<bp::Model>& model, const Workload& wl
   c.stats = cache.stats();
   const Clock::time_point t1 = Clock::now();
   for (const bp::Text& t : texts) c.logprobs.push_back(t.logprobs());
+  cache.flush();  // a run with a store ends when its blocks are written
   c.read_s = seconds_since(t1);
   c.total_s = seconds_since(t0);
   c.cpu_s = cpu_seconds() - c0;
@@ -512,13 +515,15 @@ int run(int argc, char** argv) {
   size_t n_sample = 8;
   int n_threads = 0;
   int32_t n_reps = 1;
-  std::string only;  // run only this workload (e.g. W3)
+  std::string only;   // run only this workload (e.g. W3)
+  std::string store;  // --store URI: only the cached run, against this persistent store
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--quick") quick = true;
     else if (a == "--sample" && i + 1 < argc) n_sample = static_cast<size_t>(std::max(1, std::atoi(argv[++i])));
     else if (a == "--only" && i + 1 < argc) only = argv[++i];
     else if (a == "--reps" && i + 1 < argc) n_reps = std::max(1, std::atoi(argv[++i]));
+    else if (a == "--store" && i + 1 < argc) store = argv[++i];
     else if ((a == "-t" || a == "--threads") && i + 1 < argc) n_threads = std::atoi(argv[++i]);
     else if (a == "-h" || a == "--help") {
       std::printf("usage: bench_cache MODEL [--quick] [--sample N] [--only W1|W2|W3] [--reps N] [-t THREADS]\n"
@@ -527,6 +532,8 @@ int run(int argc, char** argv) {
                   "  --sample N    texts computed from scratch per workload, extrapolated (default 8)\n"
                   "  --only W      run one workload\n"
                   "  --reps N      rounds of (cached, runtime alone), keeping the fastest of each (default 1)\n"
+                  "  --store URI   only the cached run, with this persistent store (dir:PATH or redis://HOST:PORT);\n"
+                  "                run twice in two processes to see what the second run loads\n"
                   "  -t THREADS    OpenMP threads (default: all cores)\n");
       return 0;
     } else if (model_path.empty() && !a.empty() && a[0] != '-') model_path = a;
@@ -553,6 +560,17 @@ int run(int argc, char** argv) {
   }
 
   const std::vector<Workload> workloads = make_workloads(model->tokenizer(), quick ? QUICK : FULL);
+  if (!store.empty()) {
+    for (const Workload& wl : workloads) {
+      if (!only.empty() && wl.name != only) continue;
+      const CachedRun c = run_cached(model, wl, store);
+      std::printf("%s with store %s: wall %.3f s (eval %.3f s, cpu %.3f s); tokens computed %llu, loaded %llu, reused %llu\n",
+                  wl.name.c_str(), store.c_str(), c.total_s, c.eval_s, c.cpu_s,
+                  static_cast<unsigned long long>(c.stats.tokens_computed), static_cast<unsigned long long>(c.stats.tokens_loaded),
+                  static_cast<unsigned long long>(c.stats.tokens_reused));
+    }
+    return 0;
+  }
   std::vector<Result> results;
   for (const Workload& wl : workloads) {
     if (!only.empty() && wl.name != only) continue;
