@@ -1,6 +1,7 @@
 // Text::save and Cache::restore: a text's whole state to a file and back (format in
 // snapshot_format.h), written atomically.
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -42,16 +43,6 @@ std::optional<KvType> kv_type_from_name(std::string_view s) {
 }
 
 namespace {
-
-DType to_dtype(KvType t) {
-  switch (t) {
-    case KvType::F32: return DType::F32;
-    case KvType::F16: return DType::F16;
-    case KvType::BF16: return DType::BF16;
-    case KvType::Q8_0: return DType::Q8_0;
-  }
-  throw Error(ErrorCode::INVALID_ARGUMENT, "snapshot: unknown K/V type " + std::to_string(static_cast<int>(t)));
-}
 
 [[noreturn]] void io_error(const std::string& path, const std::string& what, int err) {
   throw Error(ErrorCode::IO_ERROR, "snapshot " + path + ": " + what + ": " + std::strerror(err));
@@ -114,7 +105,36 @@ void write_atomically(const std::string& path, const std::function<void(const sn
   }
 }
 
-std::vector<uint8_t> read_file(const std::string& path) {
+// A large zero-filled buffer straight from the kernel, asking for huge pages: fresh memory is
+// paid for page by page, and with 4 KiB pages that costs more than the copying itself.
+class PageBuffer {
+ public:
+  explicit PageBuffer(size_t n_bytes) : size_(n_bytes), mapped_(n_bytes) {
+    if (size_ == 0) return;
+    void* p = ::mmap(nullptr, mapped_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
+      throw Error(ErrorCode::OUT_OF_MEMORY, "snapshot: cannot allocate " + std::to_string(size_) + " bytes");
+#ifdef MADV_HUGEPAGE
+    ::madvise(p, mapped_, MADV_HUGEPAGE);  // a hint; failure is fine
+#endif
+    data_ = static_cast<uint8_t*>(p);
+  }
+  ~PageBuffer() {
+    if (data_) ::munmap(data_, mapped_);
+  }
+  PageBuffer(const PageBuffer&) = delete;
+  PageBuffer& operator=(const PageBuffer&) = delete;
+  uint8_t* data() const { return data_; }
+  size_t size() const { return size_; }
+  void shrink(size_t n) { size_ = std::min(size_, n); }  // the logical size; the mapping stays
+
+ private:
+  uint8_t* data_ = nullptr;
+  size_t size_ = 0;    // bytes in use
+  size_t mapped_ = 0;  // bytes mapped
+};
+
+std::unique_ptr<PageBuffer> read_file(const std::string& path) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) io_error(path, "cannot open", errno);
   struct stat st;
@@ -127,16 +147,16 @@ std::vector<uint8_t> read_file(const std::string& path) {
     ::close(fd);
     throw Error(ErrorCode::IO_ERROR, "snapshot " + path + ": not a regular file");
   }
-  std::vector<uint8_t> bytes;
+  std::unique_ptr<PageBuffer> bytes;
   try {
-    bytes.resize(static_cast<size_t>(st.st_size));
-  } catch (const std::bad_alloc&) {
+    bytes = std::make_unique<PageBuffer>(static_cast<size_t>(st.st_size));
+  } catch (...) {
     ::close(fd);
-    throw Error(ErrorCode::OUT_OF_MEMORY, "snapshot " + path + ": cannot hold " + std::to_string(st.st_size) + " bytes");
+    throw;
   }
   size_t done = 0;
-  while (done < bytes.size()) {
-    const ssize_t r = ::read(fd, bytes.data() + done, bytes.size() - done);
+  while (done < bytes->size()) {
+    const ssize_t r = ::read(fd, bytes->data() + done, bytes->size() - done);
     if (r < 0 && errno == EINTR) continue;
     if (r < 0) {
       const int err = errno;
@@ -146,7 +166,7 @@ std::vector<uint8_t> read_file(const std::string& path) {
     if (r == 0) break;  // shrank while reading: what was read is checked like any truncated file
     done += static_cast<size_t>(r);
   }
-  bytes.resize(done);
+  bytes->shrink(done);
   ::close(fd);
   return bytes;
 }
@@ -189,15 +209,12 @@ void Text::save(const std::string& path, const SnapshotOptions& options) const {
   PathInUse held(c, c.evaluate(std::span<const detail::EvalRequest>(&req, 1)));
   BP_ASSERT(!held.nodes().empty() && held.nodes().back()->end() == n);
 
-  // Gather the path's K/V and logprobs into one span per layer.
-  std::vector<float> k(static_cast<size_t>(cfg.n_layer * n * kv)), v(k.size());  // [n_layer][n][kv_dim]
+  // The path's nodes are the K/V chunks, in order; logprobs where the nodes have them.
+  std::vector<snapshot::KvChunk> chunks;
   std::vector<float> logprobs(static_cast<size_t>(n), std::numeric_limits<float>::quiet_NaN());  // [n]
   for (const Node* node : held.nodes()) {
     const int64_t len = node->n_tokens();
-    for (int32_t l = 0; l < cfg.n_layer; ++l) {
-      std::copy_n(node->k.begin() + l * len * kv, len * kv, k.begin() + (l * n + node->pos0) * kv);
-      std::copy_n(node->v.begin() + l * len * kv, len * kv, v.begin() + (l * n + node->pos0) * kv);
-    }
+    chunks.push_back({node->k.data(), node->v.data(), len, len * kv});
     if (!node->logprobs.empty()) std::copy(node->logprobs.begin(), node->logprobs.end(), logprobs.begin() + node->pos0);
   }
   logprobs[0] = std::numeric_limits<float>::quiet_NaN();  // the first token has no prediction
@@ -211,16 +228,13 @@ void Text::save(const std::string& path, const SnapshotOptions& options) const {
   h.n_kv_head = cfg.n_kv_head;
   h.head_dim = cfg.head_dim;
   h.n_vocab = cfg.n_vocab;
-  h.codec.type = to_dtype(options.kv_type);
-  h.codec.zstd = options.zstd;
+  h.codec = detail::kv_codec_for(options.kv_type, options.zstd);
   h.n_tokens = static_cast<uint64_t>(n);
   const std::string text = string();
   snapshot::EncodeInput in;
   in.header = &h;
   in.tokens = tokens;
-  in.k = k.data();
-  in.v = v.data();
-  in.layer_stride = n * kv;
+  in.kv = std::move(chunks);
   in.logprobs = logprobs;
   in.last_logits = last_logits;
   in.sampler = options.sampler;
@@ -235,7 +249,8 @@ Text Cache::restore(const std::string& path, SamplingParams* sampler_state) {
   const Model& m = *impl_->model;
   const ModelConfig& cfg = m.config();
   const Tokenizer& tok = m.tokenizer();
-  const std::vector<uint8_t> bytes = read_file(path);
+  const std::unique_ptr<PageBuffer> file = read_file(path);
+  const std::span<const uint8_t> bytes(file->data(), file->size());
 
   // Identity first: a file of another model is a mismatch, whatever else is in it.
   const snapshot::Header h = snapshot::decode_header(bytes, path);
@@ -256,7 +271,19 @@ Text Cache::restore(const std::string& path, SamplingParams* sampler_state) {
     throw Error(ErrorCode::CORRUPT_FILE, "snapshot " + path + ": head: " + std::to_string(h.n_tokens) +
                                              " tokens, more than the model's context (" + std::to_string(cfg.n_ctx) + ")");
 
-  const snapshot::Snapshot s = snapshot::decode(bytes, path);
+  // Raw f32 K/V are read where they lie in the file; other types are decoded first.
+  constexpr uint64_t MAX_KV_VALUES = uint64_t(1) << 36;
+  const snapshot::Snapshot s = snapshot::decode(bytes, path, MAX_KV_VALUES, /*with_kv=*/false);
+  snapshot::KvInPlace in_place;
+  std::unique_ptr<PageBuffer> decoded;  // [2][n_layer][n_tokens][kv_dim] floats
+  if (!snapshot::kv_in_place(bytes, s.header, &in_place)) {
+    const int64_t per_layer = static_cast<int64_t>(s.header.n_tokens) * s.header.kv_dim();
+    const size_t n_values = static_cast<size_t>(per_layer) * static_cast<size_t>(s.header.n_layer);
+    decoded = std::make_unique<PageBuffer>(2 * n_values * sizeof(float));
+    float* k = reinterpret_cast<float*>(decoded->data());
+    snapshot::decode_kv(bytes, path, s, k, k + n_values);
+    in_place = {k, k + n_values, per_layer};
+  }
   const bool bos_first = tok.add_bos() && tok.bos() >= 0;
   if (bos_first && s.tokens[0] != tok.bos())
     throw Error(ErrorCode::CORRUPT_FILE, "snapshot " + path + ": tokens: the model adds BOS (" +
@@ -272,8 +299,7 @@ Text Cache::restore(const std::string& path, SamplingParams* sampler_state) {
 
   {
     std::lock_guard<std::recursive_mutex> lock(impl_->mu);
-    const int64_t stride = static_cast<int64_t>(s.header.n_tokens) * s.header.kv_dim();
-    impl_->insert_computed(s.tokens, 0, s.k.data(), s.v.data(), stride,
+    impl_->insert_computed(s.tokens, 0, in_place.k, in_place.v, in_place.layer_stride,
                            all_logprobs ? std::span<const float>(s.logprobs) : std::span<const float>(), s.last_logits);
   }
   if (sampler_state) *sampler_state = s.sampler;

@@ -186,7 +186,12 @@ void encode(const EncodeInput& in, const Sink& sink) {
   const uint64_t n = h.n_tokens;
   BP_ASSERT(in.tokens.size() == n && in.logprobs.size() == n);
   BP_ASSERT(in.last_logits.size() == static_cast<size_t>(h.n_vocab));
-  BP_ASSERT(in.layer_stride >= static_cast<int64_t>(n) * kv);
+  int64_t n_chunked = 0;
+  for (const KvChunk& c : in.kv) {
+    BP_ASSERT(c.n_tokens >= 0 && c.layer_stride >= c.n_tokens * kv);
+    n_chunked += c.n_tokens;
+  }
+  BP_ASSERT(n_chunked == static_cast<int64_t>(n));
 
   std::vector<uint8_t> pre;  // [16]
   put_array<uint8_t>(pre, MAGIC);
@@ -210,9 +215,24 @@ void encode(const EncodeInput& in, const Sink& sink) {
   put_array<int32_t>(p, in.tokens);
   emit_section(sink, SectionKind::TOKENS, 0, p);
 
+  // One layer's K (or V) must be contiguous for the codec: used in place when it is one chunk,
+  // else gathered into `rows` (reused from layer to layer).
+  std::vector<float> rows;  // [n][kv_dim]
+  if (in.kv.size() > 1) rows.resize(static_cast<size_t>(n * kv));
   for (int32_t l = 0; l < h.n_layer; ++l) {
     for (SectionKind kind : {SectionKind::KEYS, SectionKind::VALUES}) {
-      const float* src = (kind == SectionKind::KEYS ? in.k : in.v) + l * in.layer_stride;  // [n][kv_dim]
+      const bool keys = kind == SectionKind::KEYS;
+      const float* src = rows.data();
+      if (in.kv.size() == 1) {
+        src = (keys ? in.kv[0].k : in.kv[0].v) + l * in.kv[0].layer_stride;
+      } else {
+        int64_t at = 0;
+        for (const KvChunk& c : in.kv) {
+          const float* from = (keys ? c.k : c.v) + l * c.layer_stride;
+          std::copy(from, from + c.n_tokens * kv, rows.begin() + at * kv);
+          at += c.n_tokens;
+        }
+      }
       p.clear();
       kv_encode(h.codec, std::span<const float>(src, static_cast<size_t>(n * kv)), p);
       emit_section(sink, kind, static_cast<uint32_t>(l), p);
@@ -243,9 +263,8 @@ std::vector<uint8_t> encode(const Snapshot& s) {
   EncodeInput in;
   in.header = &s.header;
   in.tokens = s.tokens;
-  in.k = s.k.data();
-  in.v = s.v.data();
-  in.layer_stride = static_cast<int64_t>(s.header.n_tokens) * s.header.kv_dim();
+  const int64_t n = static_cast<int64_t>(s.header.n_tokens);
+  in.kv.push_back({s.k.data(), s.v.data(), n, n * s.header.kv_dim()});
   in.logprobs = s.logprobs;
   in.last_logits = s.last_logits;
   in.sampler = s.sampler;
@@ -302,9 +321,10 @@ SamplingParams decode_sampler(std::span<const uint8_t> bytes, const SectionInfo&
   return sp;
 }
 
-Snapshot decode(std::span<const uint8_t> bytes, const std::string& file, uint64_t max_kv_values) {
+Snapshot decode(std::span<const uint8_t> bytes, const std::string& file, uint64_t max_kv_values, bool with_kv) {
   Snapshot s;
-  const std::vector<SectionInfo> sections = scan(bytes, file, &s.header);
+  s.sections = scan(bytes, file, &s.header);
+  const std::vector<SectionInfo>& sections = s.sections;
   const Header& h = s.header;
   const uint64_t n = h.n_tokens;
   const uint64_t per_layer = n * static_cast<uint64_t>(h.kv_dim());  // values of K (or V) of one layer
@@ -334,15 +354,10 @@ Snapshot decode(std::span<const uint8_t> bytes, const std::string& file, uint64_
       corrupt(file, "tokens: token " + std::to_string(t) + " is " + std::to_string(s.tokens[t]) + ", outside the vocabulary (" +
                         std::to_string(h.n_vocab) + ")");
 
-  s.k.resize(per_layer * static_cast<uint64_t>(h.n_layer));
-  s.v.resize(s.k.size());
-  i = 2;
-  for (int32_t l = 0; l < h.n_layer; ++l) {
-    for (std::vector<float>* dst : {&s.k, &s.v}) {
-      const SectionInfo& sec = sections[i++];
-      const std::string what = "snapshot " + file + ": " + section_name(sec.kind, sec.index);
-      kv_decode(h.codec, payload(bytes, sec), std::span<float>(dst->data() + l * per_layer, per_layer), what.c_str());
-    }
+  if (with_kv) {
+    s.k.resize(per_layer * static_cast<uint64_t>(h.n_layer));
+    s.v.resize(s.k.size());
+    decode_kv(bytes, file, s, s.k.data(), s.v.data());
   }
 
   s.logprobs.resize(n);
@@ -353,6 +368,35 @@ Snapshot decode(std::span<const uint8_t> bytes, const std::string& file, uint64_
   const std::span<const uint8_t> t = payload(bytes, text);
   s.text.assign(t.begin(), t.end());
   return s;
+}
+
+void decode_kv(std::span<const uint8_t> bytes, const std::string& file, const Snapshot& s, float* k, float* v) {
+  const Header& h = s.header;
+  const uint64_t per_layer = h.n_tokens * static_cast<uint64_t>(h.kv_dim());
+  BP_ASSERT(s.sections.size() == static_cast<size_t>(6 + 2 * h.n_layer));
+  size_t i = 2;  // after HEAD and TOKENS
+  for (int32_t l = 0; l < h.n_layer; ++l) {
+    for (float* dst : {k, v}) {
+      const SectionInfo& sec = s.sections[i++];
+      const std::string what = "snapshot " + file + ": " + section_name(sec.kind, sec.index);
+      kv_decode(h.codec, payload(bytes, sec), std::span<float>(dst + l * per_layer, per_layer), what.c_str());
+    }
+  }
+}
+
+bool kv_in_place(std::span<const uint8_t> bytes, const Header& h, KvInPlace* out) {
+  if (h.codec.type != DType::F32 || h.codec.zstd) return false;
+  const uint64_t len = h.n_tokens * static_cast<uint64_t>(h.kv_dim()) * sizeof(float);  // one section's payload
+  const uint64_t k0 = PREAMBLE_BYTES + SECTION_HEADER_BYTES + HEAD_BYTES + SECTION_HEADER_BYTES +
+                      h.n_tokens * sizeof(int32_t) + SECTION_HEADER_BYTES;
+  const uint64_t stride = 2 * (SECTION_HEADER_BYTES + len);  // bytes from one layer's K to the next
+  BP_ASSERT(k0 + (static_cast<uint64_t>(h.n_layer) - 1) * stride + SECTION_HEADER_BYTES + 2 * len <= bytes.size());
+  const uint8_t* k = bytes.data() + k0;
+  if (reinterpret_cast<uintptr_t>(k) % alignof(float) != 0 || stride % sizeof(float) != 0) return false;
+  out->k = reinterpret_cast<const float*>(k);
+  out->v = reinterpret_cast<const float*>(k + SECTION_HEADER_BYTES + len);
+  out->layer_stride = static_cast<int64_t>(stride / sizeof(float));
+  return true;
 }
 
 }  // namespace backprompt::snapshot

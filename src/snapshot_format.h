@@ -62,17 +62,6 @@ struct Header {
   int64_t kv_dim() const { return static_cast<int64_t>(n_kv_head) * head_dim; }
 };
 
-// One whole snapshot in memory.
-struct Snapshot {
-  Header header;
-  std::vector<int32_t> tokens;     // [n_tokens]
-  std::vector<float> k, v;         // [n_layer][n_tokens][kv_dim]
-  std::vector<float> logprobs;     // [n_tokens] NaN where unknown
-  std::vector<float> last_logits;  // [n_vocab]
-  SamplingParams sampler;
-  std::string text;
-};
-
 // Where a section lies in a file.
 struct SectionInfo {
   SectionKind kind;
@@ -82,18 +71,35 @@ struct SectionInfo {
   uint64_t checksum = 0;
 };
 
+// One whole snapshot in memory.
+struct Snapshot {
+  Header header;
+  std::vector<int32_t> tokens;     // [n_tokens]
+  std::vector<float> k, v;         // [n_layer][n_tokens][kv_dim]
+  std::vector<float> logprobs;     // [n_tokens] NaN where unknown
+  std::vector<float> last_logits;  // [n_vocab]
+  SamplingParams sampler;
+  std::string text;
+  std::vector<SectionInfo> sections;  // where each section lies in the decoded bytes
+};
+
 std::string section_name(SectionKind kind, uint32_t index);  // "head", "keys of layer 3", ...
 
 // Writes the snapshot as a sequence of byte runs to `sink` (one section at a time, so the whole
-// file is never held in memory twice). The K/V of layer l are read from `k`/`v` at
-// l * layer_stride (rows of kv_dim floats, n_tokens of them). Checks the sizes with BP_ASSERT.
+// file is never held in memory). The K/V come in chunks of consecutive positions (e.g. the nodes
+// of a path), each laid out like a KvSpanView: rows of kv_dim floats, layer l at
+// k + l * layer_stride. Checks the sizes with BP_ASSERT.
 using Sink = std::function<void(std::span<const uint8_t>)>;
+struct KvChunk {
+  const float* k = nullptr;  // [n_layer][layer_stride / kv_dim][kv_dim], first n_tokens rows used
+  const float* v = nullptr;
+  int64_t n_tokens = 0;
+  int64_t layer_stride = 0;  // floats
+};
 struct EncodeInput {
   const Header* header = nullptr;
   std::span<const int32_t> tokens;      // [n_tokens]
-  const float* k = nullptr;             // [n_layer][layer_stride / kv_dim][kv_dim]
-  const float* v = nullptr;
-  int64_t layer_stride = 0;
+  std::vector<KvChunk> kv;              // covering the n_tokens positions in order
   std::span<const float> logprobs;      // [n_tokens]
   std::span<const float> last_logits;   // [n_vocab]
   SamplingParams sampler;
@@ -110,8 +116,23 @@ Header decode_header(std::span<const uint8_t> bytes, const std::string& file);
 // Every section's framing and checksum, and the header; nothing decoded beyond HEAD.
 std::vector<SectionInfo> scan(std::span<const uint8_t> bytes, const std::string& file, Header* header = nullptr);
 // Everything, validated. `max_kv_values` bounds the K/V decoded (zstd can expand a small file
-// a lot): a file that needs more is CORRUPT_FILE.
-Snapshot decode(std::span<const uint8_t> bytes, const std::string& file, uint64_t max_kv_values = uint64_t(1) << 36);
+// a lot): a file that needs more is CORRUPT_FILE. With with_kv false, the K/V sections are
+// validated (framing, checksums, sizes) but `k` and `v` are left empty: see decode_kv() and
+// kv_in_place().
+Snapshot decode(std::span<const uint8_t> bytes, const std::string& file, uint64_t max_kv_values = uint64_t(1) << 36,
+                bool with_kv = true);
+// Decodes the K/V of a file that decode() accepted (`s` is its result) into k and v, each
+// [n_layer][n_tokens][kv_dim] floats.
+void decode_kv(std::span<const uint8_t> bytes, const std::string& file, const Snapshot& s, float* k, float* v);
+// Raw f32 K/V need no decoding: in a file that decode() accepted, they lie at a fixed stride
+// (KEYS and VALUES sections of equal length alternate), so the bytes can be read in place.
+// Returns false (nothing set) for other storage types, or if `bytes` is not 4-byte aligned.
+struct KvInPlace {
+  const float* k = nullptr;  // K of layer l at k + l * layer_stride: [n_tokens][kv_dim]
+  const float* v = nullptr;
+  int64_t layer_stride = 0;  // floats
+};
+bool kv_in_place(std::span<const uint8_t> bytes, const Header& header, KvInPlace* out);
 // Just the SAMPLER section's payload of a scanned file.
 SamplingParams decode_sampler(std::span<const uint8_t> bytes, const SectionInfo& section, const std::string& file);
 

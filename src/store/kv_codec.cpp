@@ -64,6 +64,17 @@ void from_planes(DType t, const uint8_t* planes, size_t n_bytes, uint8_t* raw) {
     for (size_t b = 0; b < w; ++b) raw[e * w + b] = planes[b * n + e];
 }
 
+// Per-thread buffers (for zstd, and for unaligned input or output), kept between calls: a
+// snapshot or a run of store blocks needs the same sizes again and again, and fresh large
+// allocations cost page faults each time. Held: at most twice the largest run (de)coded on the
+// thread, while the thread lives.
+std::vector<uint8_t>& scratch(int which, size_t n_bytes) {
+  thread_local std::vector<uint8_t> buffers[2];
+  std::vector<uint8_t>& b = buffers[which];
+  if (b.size() < n_bytes) b.resize(n_bytes);
+  return b;
+}
+
 // The raw encoding of `values` into `out` (exactly raw_bytes(t, n) bytes).
 void encode_raw(DType t, std::span<const float> values, uint8_t* out) {
   const int64_t block = dtype_block_size(t);
@@ -101,10 +112,17 @@ void kv_encode(const KvCodec& codec, std::span<const float> values, std::vector<
   if (!codec.zstd) {
     const size_t at = out.size();
     out.resize(at + n_raw);
-    encode_raw(codec.type, values, out.data() + at);
+    if (reinterpret_cast<uintptr_t>(out.data() + at) % alignof(float) == 0) {
+      encode_raw(codec.type, values, out.data() + at);
+    } else {  // the row types are stored through uint16_t / block pointers: go through aligned memory
+      std::vector<uint8_t>& raw = scratch(0, n_raw);
+      encode_raw(codec.type, values, raw.data());
+      std::memcpy(out.data() + at, raw.data(), n_raw);
+    }
     return;
   }
-  std::vector<uint8_t> raw(n_raw), planes(n_raw);  // [n_raw] bytes
+  std::vector<uint8_t>& raw = scratch(0, n_raw);     // [n_raw] bytes
+  std::vector<uint8_t>& planes = scratch(1, n_raw);  // [n_raw] bytes
   encode_raw(codec.type, values, raw.data());
   to_planes(codec.type, raw.data(), n_raw, planes.data());
   const size_t at = out.size();
@@ -122,7 +140,13 @@ void kv_decode(const KvCodec& codec, std::span<const uint8_t> bytes, std::span<f
     if (bytes.size() != n_raw)
       corrupt(what, std::to_string(bytes.size()) + " bytes of " + dtype_name(codec.type) + " K/V, expected " +
                         std::to_string(n_raw) + " for " + std::to_string(out.size()) + " values");
-    decode_raw(codec.type, bytes.data(), out);
+    if (reinterpret_cast<uintptr_t>(bytes.data()) % alignof(float) == 0) {
+      decode_raw(codec.type, bytes.data(), out);
+    } else {
+      std::vector<uint8_t>& raw = scratch(0, n_raw);
+      std::memcpy(raw.data(), bytes.data(), n_raw);
+      decode_raw(codec.type, raw.data(), out);
+    }
     return;
   }
   // One frame, exactly the bytes given, announcing exactly the size expected: checked before
@@ -136,7 +160,8 @@ void kv_decode(const KvCodec& codec, std::span<const uint8_t> bytes, std::span<f
                       (content == ZSTD_CONTENTSIZE_UNKNOWN || content == ZSTD_CONTENTSIZE_ERROR ? std::string("unknown")
                                                                                                 : std::to_string(content)) +
                       " bytes, expected " + std::to_string(n_raw));
-  std::vector<uint8_t> planes(n_raw), raw(n_raw);  // [n_raw] bytes
+  std::vector<uint8_t>& planes = scratch(0, n_raw);  // [n_raw] bytes
+  std::vector<uint8_t>& raw = scratch(1, n_raw);     // [n_raw] bytes
   const size_t n = ZSTD_decompress(planes.data(), n_raw, bytes.data(), bytes.size());
   if (ZSTD_isError(n) || n != n_raw)
     corrupt(what, std::string("zstd: ") + (ZSTD_isError(n) ? ZSTD_getErrorName(n) : "short frame"));
