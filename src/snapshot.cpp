@@ -171,18 +171,6 @@ std::unique_ptr<PageBuffer> read_file(const std::string& path) {
   return bytes;
 }
 
-// Keeps an evaluated path in use (safe from eviction) while it is read.
-class PathInUse {
- public:
-  PathInUse(CacheImpl& c, std::vector<std::vector<Node*>> paths) : c_(c), paths_(std::move(paths)) {}
-  ~PathInUse() { c_.release_paths(paths_); }
-  const std::vector<Node*>& nodes() const { return paths_[0]; }
-
- private:
-  CacheImpl& c_;
-  std::vector<std::vector<Node*>> paths_;
-};
-
 std::string hex(uint64_t x) {
   char buf[17];
   std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(x));
@@ -206,8 +194,7 @@ void Text::save(const std::string& path, const SnapshotOptions& options) const {
   if (req.tokens.empty()) throw Error(ErrorCode::INVALID_ARGUMENT, "text: save() of a text with no tokens");
   const std::vector<int32_t>& tokens = req.tokens;
   const int64_t n = static_cast<int64_t>(tokens.size());
-  PathInUse held(c, c.evaluate(std::span<const detail::EvalRequest>(&req, 1)));
-  BP_ASSERT(!held.nodes().empty() && held.nodes().back()->end() == n);
+  detail::HeldPath held(c, req);
 
   // The path's nodes are the K/V chunks, in order; logprobs where the nodes have them.
   std::vector<snapshot::KvChunk> chunks;

@@ -12,6 +12,7 @@
 namespace backprompt {
 
 using detail::CacheImpl;
+using detail::HeldPath;
 using detail::Node;
 using detail::Segment;
 using SegmentList = std::vector<std::shared_ptr<const Segment>>;
@@ -49,24 +50,6 @@ std::vector<int32_t> Text::tokens() const {
 
 namespace {
 
-// Evaluates one text and keeps its path in use until destroyed.
-class HeldPath {
- public:
-  HeldPath(CacheImpl& c, detail::EvalRequest req) : c_(c), tokens_(req.tokens) {
-    if (req.tokens.empty()) throw Error(ErrorCode::INVALID_ARGUMENT, "text: the text has no tokens");
-    paths_ = c.evaluate(std::span<const detail::EvalRequest>(&req, 1));
-    BP_ASSERT(paths_.size() == 1 && !paths_[0].empty());
-  }
-  ~HeldPath() { c_.release_paths(paths_); }
-  const std::vector<Node*>& nodes() const { return paths_[0]; }
-  Node& last() const { return *paths_[0].back(); }
-
- private:
-  CacheImpl& c_;
-  std::vector<int32_t> tokens_;
-  std::vector<std::vector<Node*>> paths_;
-};
-
 Text concat(const Text& a, const Text& b) {
   if (a.cache_impl() && b.cache_impl() && a.cache_impl() != b.cache_impl())
     throw Error(ErrorCode::INVALID_ARGUMENT, "text: cannot concatenate texts of different caches");
@@ -95,7 +78,7 @@ std::vector<float> Text::next_logits() const {
   std::lock_guard<std::recursive_mutex> lock(c.mu);
   detail::EvalRequest req;
   req.tokens = c.tokenize(segment_list());
-  HeldPath held(c, std::move(req));
+  HeldPath held(c, req);
   return held.last().last_logits;
 }
 
@@ -108,7 +91,7 @@ std::vector<float> Text::logprobs(size_t begin) const {
   if (req.tokens.size() <= begin) return {};
   req.logprobs = true;
   req.logprobs_from = begin;
-  HeldPath held(c, std::move(req));
+  HeldPath held(c, req);
   std::vector<float> out;
   for (const Node* n : held.nodes())
     for (int32_t i = 0; i < n->n_tokens(); ++i)
@@ -134,7 +117,7 @@ Text Text::generate(int32_t n, const SamplingParams& sampling, const std::functi
   std::vector<float> k(static_cast<size_t>(cfg.n_layer) * n * kv), v(k.size());  // [n_layer][n][kv_dim]
   std::vector<float> logits;
   {
-    HeldPath held(c, std::move(req));
+    HeldPath held(c, req);
     logits = held.last().last_logits;
     std::vector<KvSpanView> chain;
     for (const Node* node : held.nodes()) chain.push_back(node->view());
@@ -189,7 +172,7 @@ void Text::pin() const {
   detail::EvalRequest req;
   req.tokens = c.tokenize(segment_list());
   if (req.tokens.empty()) return;
-  HeldPath held(c, std::move(req));
+  HeldPath held(c, req);
   for (Node* n : held.nodes()) ++n->pins;
 }
 

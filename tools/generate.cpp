@@ -33,6 +33,7 @@ namespace {
 
 struct GenerateOptions {
   std::string model_path;
+  std::string store;  // persistent K/V store URI
   std::string prompt;
   int32_t n_predict = 128;
   float temperature = 0.8f;
@@ -74,7 +75,9 @@ int run_generate(const GenerateOptions& opt) {
   std::shared_ptr<Model> model = Model::load(opt.model_path);
   const Tokenizer& tok = model->tokenizer();
   const ModelConfig& cfg = model->config();
-  Cache cache(model);
+  CacheOptions co;
+  co.store = opt.store;
+  Cache cache(model, co);
 
   // The text to continue: the prompt, or the restored snapshot followed by the prompt.
   Text text;
@@ -197,6 +200,7 @@ CommandRun setup_generate(CLI::App& cmd) {
   CLI::Option* seed = cmd.add_option("--seed", opt->seed, "Seed of the sampler (llama2.c's xorshift)")->capture_default_str();
   cmd.add_option("-t,--threads", opt->n_threads, "Threads (default: all)")->check(CLI::PositiveNumber);
   cmd.add_flag("-v,--verbose", opt->verbose, "Print timings to stderr");
+  cmd.add_option("--store", opt->store, "Persistent K/V store (dir:PATH or redis://HOST:PORT[/DB]): the prompt's K/V are loaded from it when there, written to it when computed");
   cmd.add_option("--cache-prompt", opt->cache_prompt,
                  "Evaluate the prompt, save its snapshot (K/V, logits, sampler settings) to FILE, generate nothing");
   cmd.add_option("--restore-prompt", opt->restore_prompt,

@@ -86,4 +86,20 @@ struct CacheImpl {
                  std::span<const float> logprobs, std::span<const float> last_logits, int32_t n_total);
 };
 
+// Evaluates one request and keeps its path in use (safe from eviction) while it is read.
+// Error(INVALID_ARGUMENT) for a request with no tokens.
+class HeldPath {
+ public:
+  HeldPath(CacheImpl& c, const EvalRequest& req);
+  ~HeldPath() { c_.release_paths(paths_); }
+  HeldPath(const HeldPath&) = delete;
+  HeldPath& operator=(const HeldPath&) = delete;
+  const std::vector<Node*>& nodes() const { return paths_[0]; }
+  Node& last() const { return *paths_[0].back(); }
+
+ private:
+  CacheImpl& c_;
+  std::vector<std::vector<Node*>> paths_;
+};
+
 }  // namespace backprompt::detail

@@ -100,6 +100,12 @@ void CacheImpl::insert_computed(std::span<const int32_t> tokens, int32_t from, c
   if (tree.bytes() > options.memory_budget) stats.evictions += tree.evict_until(options.memory_budget);
 }
 
+HeldPath::HeldPath(CacheImpl& c, const EvalRequest& req) : c_(c) {
+  if (req.tokens.empty()) throw Error(ErrorCode::INVALID_ARGUMENT, "text: the text has no tokens");
+  paths_ = c.evaluate(std::span<const EvalRequest>(&req, 1));
+  BP_ASSERT(paths_.size() == 1 && !paths_[0].empty() && paths_[0].back()->end() == static_cast<int32_t>(req.tokens.size()));
+}
+
 void CacheImpl::release_paths(std::vector<std::vector<Node*>>& paths) {
   for (auto& p : paths)
     for (Node* n : p) --n->in_use;
