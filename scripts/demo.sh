@@ -21,6 +21,21 @@ printf ' Amidala\n Kenobi...\n' > "$out/endings.txt"
 echo "== score: \"Hello there.\" x 2 choices x 2 endings, one batch, prompt computed once"
 "$bp" score -m "$out/tiny-llama.gguf" --prompt "Hello there." --choices "$out/choices.txt" --endings "$out/endings.txt"
 
+echo "== snapshot: cache the prompt once, then continue it in another process"
+"$bp" generate -m "$out/tiny-llama.gguf" -p "Hello there." --cache-prompt "$out/prompt.bps"
+echo
+"$bp" inspect "$out/prompt.bps" | head -8
+"$bp" generate -m "$out/tiny-llama.gguf" --restore-prompt "$out/prompt.bps" -p " General" -n 16 --temp 0
+echo
+
+echo "== store: the second run loads the prompt's K/V from disk instead of computing them"
+rm -rf "$out/kv-store"
+for run in first second; do
+  printf '%s run: ' "$run"
+  "$bp" score -m "$out/tiny-llama.gguf" --prompt "Hello there." --choices "$out/choices.txt" \
+    --endings "$out/endings.txt" --store "dir:$out/kv-store" 2>&1 >/dev/null | tail -1
+done
+
 stories=../shared/models/stories260k/stories260K.gguf
 if [ -f "$stories" ]; then
   echo "== the trained stories260K model: greedy continuation"
