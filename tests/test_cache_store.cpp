@@ -215,6 +215,16 @@ TEST(CacheStoreMisc, SecondProcessComputesOnlyWhatTheFirstDidNotStore) {
   EXPECT_LT(j3["stats"]["tokens_computed"].get<int>(), ju["stats"]["tokens_computed"].get<int>());
   for (size_t i = 0; i < ju["completions"].size(); ++i)
     EXPECT_NEAR(j3["completions"][i]["sum_logprob"].get<double>(), ju["completions"][i]["sum_logprob"].get<double>(), 1e-4);
+
+  // `inspect` reads the store's files too.
+  std::string block_file;
+  for (const auto& e : fs::recursive_directory_iterator(dir))
+    if (e.is_regular_file()) block_file = e.path().string();
+  ASSERT_FALSE(block_file.empty());
+  const CliOut inspect = run_cli("inspect '" + block_file + "'");
+  EXPECT_EQ(inspect.code, 0);
+  EXPECT_NE(inspect.out.find("backprompt K/V block"), std::string::npos) << inspect.out;
+  EXPECT_NE(inspect.out.find("checksum ok"), std::string::npos) << inspect.out;
 }
 
 }  // namespace

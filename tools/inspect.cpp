@@ -1,6 +1,6 @@
 // `backprompt inspect FILE`: prints the header of a snapshot (format, fingerprints, token count,
-// K/V storage, sampler state, sections with their sizes), checking every section's checksum.
-// The file kind is chosen by its magic; other kinds (store blocks) plug in beside the snapshot.
+// K/V storage, sampler state, sections with their sizes), checking every section's checksum, or
+// of a store block. The file kind is chosen by its magic.
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -13,6 +13,7 @@
 #include "backprompt/error.h"
 #include "commands.h"
 #include "snapshot_format.h"
+#include "store/block.h"
 
 namespace backprompt::tools {
 
@@ -88,14 +89,18 @@ int run_inspect(const std::string& path) {
     print_snapshot(path, bytes);
     return 0;
   }
-  throw Error(ErrorCode::CORRUPT_FILE, "inspect: " + path + " is not a backprompt snapshot (unknown magic)");
+  if (is_block(bytes)) {  // a store block (a file of a dir: store)
+    std::printf("file: %s\n%s", path.c_str(), describe_block(bytes).c_str());
+    return 0;
+  }
+  throw Error(ErrorCode::CORRUPT_FILE, "inspect: " + path + " is neither a backprompt snapshot nor a store block (unknown magic)");
 }
 
 }  // namespace
 
 CommandRun setup_inspect(CLI::App& cmd) {
   auto path = std::make_shared<std::string>();
-  cmd.add_option("FILE", *path, "Snapshot file (from --cache-prompt or Text::save)")->required();
+  cmd.add_option("FILE", *path, "Snapshot file (from --cache-prompt or Text::save) or store block (a file of a dir: store)")->required();
   return [path]() { return run_inspect(*path); };
 }
 
