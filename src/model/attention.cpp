@@ -1,4 +1,6 @@
 // Attention over a chain of K/V spans, read in place (no copying of prefixes).
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -6,6 +8,7 @@
 
 #include "backprompt/error.h"
 #include "model/batch.h"
+#include "tensor/kernels.h"
 
 namespace backprompt::detail {
 
@@ -39,10 +42,15 @@ static int64_t out_stride(const ForwardSpan& sp, int64_t kv_dim) {
   return sp.out_layer_stride ? sp.out_layer_stride : static_cast<int64_t>(sp.tokens.size()) * kv_dim;
 }
 
+// Inside a parallel region, every thread of the team must call store_kv and attention: they
+// share the work (orphaned worksharing loops) and return together (their implicit barriers).
+// Outside one, attention opens its own region when the work is large enough.
 void store_kv(const Batch& b, int32_t layer, const float* k, const float* v) {
   const int64_t kv_dim = b.cfg.kv_dim();
-  for (size_t s = 0; s < b.spans.size(); ++s) {
-    const ForwardSpan& sp = b.spans[s];
+  const int64_t n_spans = static_cast<int64_t>(b.spans.size());
+#pragma omp for schedule(static)
+  for (int64_t s = 0; s < n_spans; ++s) {
+    const ForwardSpan& sp = b.spans[static_cast<size_t>(s)];
     const int64_t n = b.row0[s + 1] - b.row0[s];
     const int64_t off = layer * out_stride(sp, kv_dim);
     std::memcpy(sp.k_out + off, k + b.row0[s] * kv_dim, static_cast<size_t>(n * kv_dim) * sizeof(float));
@@ -52,34 +60,82 @@ void store_kv(const Batch& b, int32_t layer, const float* k, const float* v) {
 
 namespace {
 
-// Dot product with 8 independent partial sums, so the compiler can keep them in one vector.
-inline float dot(const float* a, const float* b, int32_t n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int32_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
-  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
+// Query rows per tile: about TILE_QUERIES query vectors (rows x heads of one key/value group), the
+// width of attention_tile's widest fast shape.
+constexpr int64_t TILE_QUERIES = 64;
+// Spans with at most this many query vectors per key/value head (decode, short spans) get tiles
+// over several key/value heads, up to this many query vectors: each key row's heads are then read
+// together, contiguously (per-head reads of rows kv_dim apart are much slower, in TLB misses).
+constexpr int64_t SMALL_TILE_QUERIES = 16;
+// Below this many multiply-adds (scores and values) attention runs on the calling thread.
+constexpr int64_t PARALLEL_MIN_MACS = 1 << 15;
 
-// One key/value source for a query: n rows of K and V for one layer, row stride kv_dim.
-struct KvRows {
-  const float* k;
-  const float* v;
-  int64_t n;
+// One tile of work: rows [row0, row0 + n_rows) of a span (batch rows), key/value heads
+// [kv_head, kv_head + n_kv_heads).
+struct TileItem {
+  int32_t span;
+  int32_t kv_head;
+  int32_t n_kv_heads;
+  int64_t row0;      // first batch row
+  int32_t n_rows;
+  int64_t n_keys0;   // keys its first row sees
+  int64_t cost;      // multiply-adds, for scheduling
 };
+
+struct TileShape {
+  int64_t q_dim, kv_dim;
+  int32_t head_dim, group;
+  float scale;
+};
+
+// The calling team's share of the tiles (orphaned worksharing loop, dynamic: the causal triangle
+// and ragged spans make tiles unequal; biggest first).
+void run_tiles(const std::vector<TileItem>& items, const std::vector<std::vector<KvRowsView>>& sources, const TileShape& sh,
+               const float* q, float* out) {
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  const int32_t hd = sh.head_dim;
+  std::vector<KvRowsView> kv;  // the tile's sources, moved to its first key/value head
+#pragma omp for schedule(dynamic, 1)
+  for (int64_t it = 0; it < n_items; ++it) {
+    const TileItem& item = items[static_cast<size_t>(it)];
+    const int64_t col = static_cast<int64_t>(item.kv_head) * hd;
+    kv.clear();
+    for (const KvRowsView& src : sources[static_cast<size_t>(item.span)]) kv.push_back({src.k + col, src.v + col, src.n});
+    AttentionTile t;
+    t.q = q + item.row0 * sh.q_dim + static_cast<int64_t>(item.kv_head) * sh.group * hd;
+    t.out = out + item.row0 * sh.q_dim + static_cast<int64_t>(item.kv_head) * sh.group * hd;
+    t.ldq = t.ldo = sh.q_dim;
+    t.n_rows = item.n_rows;
+    t.n_kv_heads = item.n_kv_heads;
+    t.n_group = sh.group;
+    t.head_dim = hd;
+    t.scale = sh.scale;
+    t.kv = kv.data();
+    t.n_kv = static_cast<int32_t>(kv.size());
+    t.kv_stride = sh.kv_dim;
+    t.n_keys0 = item.n_keys0;
+    attention_tile(t);
+  }
+}
 
 }  // namespace
 
+// Tiles of (span, key/value head, block of rows), biggest first, spread over the threads
+// (dynamically: the causal triangle and ragged spans make tiles unequal). Each tile reads its
+// span's ancestor chain in place.
 void attention(const Batch& b, int32_t layer, const float* q, float* out) {
   const ModelConfig& c = b.cfg;
-  const int32_t hd = c.head_dim, n_head = c.n_head, group = c.n_head / c.n_kv_head;
+  const int32_t hd = c.head_dim, n_head = c.n_head, n_kv_head = c.n_kv_head, group = c.n_head / c.n_kv_head;
   const int64_t kv_dim = c.kv_dim(), q_dim = static_cast<int64_t>(n_head) * hd;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
 
-  // Per span: where this layer's K/V lie, ancestors first, then the span itself.
-  std::vector<std::vector<KvRows>> sources(b.spans.size());
+  // Per span: where this layer's K/V lie, ancestors first, then the span itself (rows of the
+  // first key/value head; head g is g * head_dim further).
+  std::vector<std::vector<KvRowsView>> sources(b.spans.size());
+  std::vector<TileItem> items;
+  int64_t total_cost = 0;
+  const int64_t rows_per_tile = std::max<int64_t>(1, TILE_QUERIES / group);
+  const int64_t n_threads = omp_in_parallel() ? omp_get_num_threads() : omp_get_max_threads();
   for (size_t s = 0; s < b.spans.size(); ++s) {
     const ForwardSpan& sp = b.spans[s];
     for (const KvSpanView& p : sp.past) {
@@ -87,63 +143,39 @@ void attention(const Batch& b, int32_t layer, const float* q, float* out) {
       const int64_t stride = p.layer_stride ? p.layer_stride : static_cast<int64_t>(p.n_tokens) * kv_dim;
       sources[s].push_back({p.k + layer * stride, p.v + layer * stride, p.n_tokens});
     }
+    const int64_t n = b.row0[s + 1] - b.row0[s];
+    if (n == 0) continue;
     const int64_t off = layer * out_stride(sp, kv_dim);
-    sources[s].push_back({sp.k_out + off, sp.v_out + off, static_cast<int64_t>(sp.tokens.size())});
-  }
-
-  // Work items: (row, head). Rows of one span share their sources.
-  std::vector<int32_t> span_of_row(static_cast<size_t>(b.n_rows));
-  for (size_t s = 0; s < b.spans.size(); ++s)
-    for (int64_t r = b.row0[s]; r < b.row0[s + 1]; ++r) span_of_row[static_cast<size_t>(r)] = static_cast<int32_t>(s);
-  const int64_t n_items = b.n_rows * n_head;
-
-#pragma omp parallel
-  {
-    std::vector<float> scores;  // [n_keys] of the current query
-#pragma omp for schedule(dynamic, 4)
-    for (int64_t item = 0; item < n_items; ++item) {
-      const int64_t r = item / n_head;
-      const int32_t h = static_cast<int32_t>(item % n_head);
-      const int32_t s = span_of_row[static_cast<size_t>(r)];
-      const int64_t self_rows = r - b.row0[static_cast<size_t>(s)] + 1;  // own rows visible: 0 .. r
-      const float* qr = q + r * q_dim + static_cast<int64_t>(h) * hd;
-      const int64_t kv_off = static_cast<int64_t>(h / group) * hd;
-      const std::vector<KvRows>& src = sources[static_cast<size_t>(s)];
-
-      int64_t n_keys = 0;
-      for (size_t i = 0; i + 1 < src.size(); ++i) n_keys += src[i].n;
-      n_keys += self_rows;
-      scores.resize(static_cast<size_t>(n_keys));
-
-      float max_score = -INFINITY;
-      int64_t j = 0;
-      for (size_t i = 0; i < src.size(); ++i) {
-        const int64_t n = (i + 1 == src.size()) ? self_rows : src[i].n;
-        for (int64_t t = 0; t < n; ++t, ++j) {
-          const float sc = dot(qr, src[i].k + t * kv_dim + kv_off, hd) * scale;
-          scores[static_cast<size_t>(j)] = sc;
-          max_score = std::max(max_score, sc);
-        }
+    sources[s].push_back({sp.k_out + off, sp.v_out + off, n});
+    if (n * group <= SMALL_TILE_QUERIES) {
+      // All rows, several key/value heads per tile (but enough tiles for every thread).
+      const int32_t per_tile = static_cast<int32_t>(std::clamp<int64_t>(
+          std::min<int64_t>(SMALL_TILE_QUERIES / (n * group), (n_kv_head + n_threads - 1) / n_threads), 1, n_kv_head));
+      const int64_t n_keys0 = sp.pos0 + 1;
+      for (int32_t g = 0; g < n_kv_head; g += per_tile) {
+        const int32_t n_kv = std::min(per_tile, n_kv_head - g);
+        const int64_t cost = 2 * int64_t{group} * n_kv * n * (n_keys0 + n / 2) * hd;
+        items.push_back({static_cast<int32_t>(s), g, n_kv, b.row0[s], static_cast<int32_t>(n), n_keys0, cost});
+        total_cost += cost;
       }
-      float sum = 0.0f;
-      for (int64_t t = 0; t < n_keys; ++t) {
-        const float e = std::exp(scores[static_cast<size_t>(t)] - max_score);
-        scores[static_cast<size_t>(t)] = e;
-        sum += e;
-      }
-      const float inv_sum = 1.0f / sum;
-      float* o = out + r * q_dim + static_cast<int64_t>(h) * hd;
-      std::fill(o, o + hd, 0.0f);
-      j = 0;
-      for (size_t i = 0; i < src.size(); ++i) {
-        const int64_t n = (i + 1 == src.size()) ? self_rows : src[i].n;
-        for (int64_t t = 0; t < n; ++t, ++j) {
-          const float w = scores[static_cast<size_t>(j)] * inv_sum;
-          const float* vr = src[i].v + t * kv_dim + kv_off;
-          for (int32_t d = 0; d < hd; ++d) o[d] += w * vr[d];
-        }
-      }
+      continue;
     }
+    for (int64_t r = 0; r < n; r += rows_per_tile) {
+      const int32_t n_rows = static_cast<int32_t>(std::min(rows_per_tile, n - r));
+      const int64_t n_keys0 = sp.pos0 + r + 1;
+      const int64_t cost = 2 * int64_t{group} * n_rows * (n_keys0 + n_rows / 2) * hd;
+      for (int32_t g = 0; g < n_kv_head; ++g) items.push_back({static_cast<int32_t>(s), g, 1, b.row0[s] + r, n_rows, n_keys0, cost});
+      total_cost += cost * n_kv_head;
+    }
+  }
+  std::stable_sort(items.begin(), items.end(), [](const TileItem& x, const TileItem& y) { return x.cost > y.cost; });
+
+  const TileShape shape{q_dim, kv_dim, hd, group, scale};
+  if (omp_in_parallel()) {
+    run_tiles(items, sources, shape, q, out);  // every thread of the team computed the same items
+  } else {
+#pragma omp parallel if (total_cost >= PARALLEL_MIN_MACS && items.size() > 1)
+    run_tiles(items, sources, shape, q, out);
   }
 }
 

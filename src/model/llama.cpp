@@ -1,48 +1,132 @@
 // Llama: RMSNorm, RoPE on adjacent pairs, grouped-query attention, SwiGLU MLP, no biases.
-#include <vector>
+//
+// Two schedules of the same arithmetic:
+//   prefill and large batches: one step after another, each parallel on its own (GEMMs);
+//   decode-sized batches (at most MATMUL_FUSED_MAX_N rows): one parallel region for the whole
+//     pass. Each thread computes its share of every matrix's output rows (and the row-wise work
+//     on them), and the threads meet at 5 barriers per layer instead of forking and joining a
+//     team for each of 5 products (a team wake-up costs ~20 us with OMP_WAIT_POLICY=passive, a
+//     barrier about half; measured on the 2-core dev machine).
+#include <omp.h>
+
+#include <memory>
 
 #include "model/arch.h"
 #include "model/ops.h"
 
 namespace backprompt::detail {
 
-void llama_hidden(const ModelImpl& m, const Batch& b, float* x) {
+namespace {
+
+// An uninitialised f32 buffer (every element is written before it is read).
+std::unique_ptr<float[]> buffer(int64_t n) { return std::unique_ptr<float[]>(new float[static_cast<size_t>(n)]); }
+
+// Below this many multiply-adds per layer, the decode schedule runs on one thread.
+constexpr int64_t PARALLEL_MIN_LAYER_MACS = 1 << 18;
+
+// Buffers of one pass, shared by the threads.
+struct Activations {
+  Activations(const ModelConfig& c, int64_t n)
+      : q(buffer(n * c.n_embd)), k(buffer(n * c.kv_dim())), v(buffer(n * c.kv_dim())), att(buffer(n * c.n_embd)),
+        gate(buffer(n * c.n_ff)), up(buffer(n * c.n_ff)), rot(buffer(n * (c.rope_dim / 2) * 2)) {}
+  std::unique_ptr<float[]> q;     // [n][n_head][head_dim]
+  std::unique_ptr<float[]> k;     // [n][n_kv_head][head_dim]
+  std::unique_ptr<float[]> v;     // [n][n_kv_head][head_dim]
+  std::unique_ptr<float[]> att;   // [n][n_embd] attention output
+  std::unique_ptr<float[]> gate;  // [n][n_ff]
+  std::unique_ptr<float[]> up;    // [n][n_ff]
+  std::unique_ptr<float[]> rot;   // [n][rope_dim / 2][cos, sin]
+};
+
+void hidden_steps(const ModelImpl& m, const Batch& b, float* x, Activations& a) {
   const ModelConfig& c = m.config;
-  const int64_t n = b.n_rows, d = c.n_embd, ff = c.n_ff, kv = c.kv_dim();
-
-  for (int64_t r = 0; r < n; ++r) matrix_get_row(m.token_embd, b.tokens[static_cast<size_t>(r)], x + r * d);
-
-  std::vector<float> h(static_cast<size_t>(n * d));      // [n][d] normalized input
-  std::vector<float> q(static_cast<size_t>(n * d));      // [n][n_head][head_dim]
-  std::vector<float> k(static_cast<size_t>(n * kv));     // [n][n_kv_head][head_dim]
-  std::vector<float> v(static_cast<size_t>(n * kv));     // [n][n_kv_head][head_dim]
-  std::vector<float> att(static_cast<size_t>(n * d));    // [n][d] attention output
-  std::vector<float> gate(static_cast<size_t>(n * ff));  // [n][ff]
-  std::vector<float> up(static_cast<size_t>(n * ff));    // [n][ff]
-
+  const int64_t n = b.n_rows, d = c.n_embd, ff = c.n_ff, kv = c.kv_dim(), n_pairs = c.rope_dim / 2;
+  const auto h = buffer(n * d);  // [n][d] normalized input, then block outputs
   for (int32_t il = 0; il < c.n_layer; ++il) {
     const LayerWeights& L = m.layers[static_cast<size_t>(il)];
-    ops::rms_norm(x, h.data(), n, d, L.attn_norm_w.data(), c.norm_eps);
-    matmul(L.attn_q, h.data(), n, q.data());
-    matmul(L.attn_k, h.data(), n, k.data());
-    matmul(L.attn_v, h.data(), n, v.data());
-#pragma omp parallel for if (n >= 4)
+    ops::rms_norm(x, h.get(), n, d, L.attn_norm_w.data(), c.norm_eps);
+    const MatmulTarget qkv[] = {{L.attn_q, a.q.get()}, {L.attn_k, a.k.get()}, {L.attn_v, a.v.get()}};
+    matmul_many(qkv, h.get(), n);
+#pragma omp parallel for if (n >= 16)
     for (int64_t r = 0; r < n; ++r) {
-      const int32_t p = b.pos[static_cast<size_t>(r)];
-      ops::rope(q.data() + r * d, c.n_head, c.head_dim, c.rope_dim, c.rope_base, p);
-      ops::rope(k.data() + r * kv, c.n_kv_head, c.head_dim, c.rope_dim, c.rope_base, p);
+      ops::rope(a.q.get() + r * d, c.n_head, c.head_dim, c.rope_dim, a.rot.get() + r * n_pairs * 2);
+      ops::rope(a.k.get() + r * kv, c.n_kv_head, c.head_dim, c.rope_dim, a.rot.get() + r * n_pairs * 2);
     }
-    store_kv(b, il, k.data(), v.data());
-    attention(b, il, q.data(), att.data());
-    matmul(L.attn_out, att.data(), n, h.data());
-    ops::add(x, h.data(), n * d);
+    store_kv(b, il, a.k.get(), a.v.get());
+    attention(b, il, a.q.get(), a.att.get());
+    matmul(L.attn_out, a.att.get(), n, h.get());
+    ops::add(x, h.get(), n * d);
 
-    ops::rms_norm(x, h.data(), n, d, L.ffn_norm_w.data(), c.norm_eps);
-    matmul(L.ffn_gate, h.data(), n, gate.data());
-    matmul(L.ffn_up, h.data(), n, up.data());
-    ops::swiglu(gate.data(), up.data(), n * ff);
-    matmul(L.ffn_down, gate.data(), n, h.data());
-    ops::add(x, h.data(), n * d);
+    ops::rms_norm(x, h.get(), n, d, L.ffn_norm_w.data(), c.norm_eps);
+    const MatmulTarget gate_up[] = {{L.ffn_gate, a.gate.get()}, {L.ffn_up, a.up.get()}};
+    matmul_many(gate_up, h.get(), n);
+    ops::swiglu(a.gate.get(), a.up.get(), n * ff);
+    matmul(L.ffn_down, a.gate.get(), n, h.get());
+    ops::add(x, h.get(), n * d);
+  }
+}
+
+// x[j][r] += y[j][r] for rows j < n and columns r in [r0, r1) of [n][ld] arrays.
+void add_columns(float* x, const float* y, int64_t n, int64_t ld, const RowRange& cols) {
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t r = cols.r0; r < cols.r1; ++r) x[j * ld + r] += y[j * ld + r];
+  }
+}
+
+void hidden_team(const ModelImpl& m, const Batch& b, float* x, Activations& a) {
+  const ModelConfig& c = m.config;
+  const int64_t n = b.n_rows, d = c.n_embd, ff = c.n_ff, kv = c.kv_dim(), n_pairs = c.rope_dim / 2;
+  const int64_t layer_macs = n * (2 * d * d + 2 * d * kv + 3 * d * ff);
+#pragma omp parallel if (layer_macs >= PARALLEL_MIN_LAYER_MACS)
+  {
+    const int t = omp_get_thread_num(), n_threads = omp_get_num_threads();
+    const auto h = buffer(n * d);  // [n][d] this thread's copy of the normalized input
+    const auto y = buffer(n * d);  // [n][d] this thread's share of a block output
+    RowRange rows[3];
+    for (int32_t il = 0; il < c.n_layer; ++il) {
+      const LayerWeights& L = m.layers[static_cast<size_t>(il)];
+      // x is complete here (after a barrier): every thread normalizes it for itself.
+      ops::rms_norm(x, h.get(), n, d, L.attn_norm_w.data(), c.norm_eps);
+      const MatmulTarget qkv[] = {{L.attn_q, a.q.get()}, {L.attn_k, a.k.get()}, {L.attn_v, a.v.get()}};
+      matmul_many_part(qkv, h.get(), n, t, n_threads, rows);
+      for (int64_t r = 0; r < n; ++r) {  // rotate this thread's q and k columns (even boundaries)
+        ops::rope_range(a.q.get() + r * d, rows[0].r0, rows[0].r1, c.head_dim, c.rope_dim, a.rot.get() + r * n_pairs * 2);
+        ops::rope_range(a.k.get() + r * kv, rows[1].r0, rows[1].r1, c.head_dim, c.rope_dim, a.rot.get() + r * n_pairs * 2);
+      }
+#pragma omp barrier
+      store_kv(b, il, a.k.get(), a.v.get());           // shared by the team, then a barrier
+      attention(b, il, a.q.get(), a.att.get());        // shared by the team, then a barrier
+      const MatmulTarget out[] = {{L.attn_out, y.get()}};
+      matmul_many_part(out, a.att.get(), n, t, n_threads, rows);
+      add_columns(x, y.get(), n, d, rows[0]);
+#pragma omp barrier
+
+      ops::rms_norm(x, h.get(), n, d, L.ffn_norm_w.data(), c.norm_eps);
+      const MatmulTarget gate[] = {{L.ffn_gate, a.gate.get()}}, up[] = {{L.ffn_up, a.up.get()}};
+      matmul_many_part(gate, h.get(), n, t, n_threads, rows);
+      matmul_many_part(up, h.get(), n, t, n_threads, rows + 1);  // the same rows as gate's
+      for (int64_t r = 0; r < n; ++r) silu_mul(a.gate.get() + r * ff + rows[0].r0, a.up.get() + r * ff + rows[0].r0, rows[0].r1 - rows[0].r0);
+#pragma omp barrier
+      const MatmulTarget down[] = {{L.ffn_down, y.get()}};
+      matmul_many_part(down, a.gate.get(), n, t, n_threads, rows);
+      add_columns(x, y.get(), n, d, rows[0]);
+#pragma omp barrier
+    }
+  }
+}
+
+}  // namespace
+
+void llama_hidden(const ModelImpl& m, const Batch& b, float* x) {
+  const ModelConfig& c = m.config;
+  const int64_t n = b.n_rows, d = c.n_embd;
+  for (int64_t r = 0; r < n; ++r) matrix_get_row(m.token_embd, b.tokens[static_cast<size_t>(r)], x + r * d);
+  Activations a(c, n);
+  ops::rope_angles(b.pos.data(), n, c.rope_dim, c.rope_base, a.rot.get());
+  if (n <= MATMUL_FUSED_MAX_N) {
+    hidden_team(m, b, x, a);
+  } else {
+    hidden_steps(m, b, x, a);
   }
   ops::rms_norm(x, x, n, d, m.output_norm_w.data(), c.norm_eps);
 }

@@ -1,15 +1,23 @@
 #include "model/ops.h"
 
+#include <omp.h>
+
+#include <algorithm>
 #include <cmath>
+#include <vector>
+
+#include "tensor/kernels.h"
 
 namespace backprompt::ops {
 
 namespace {
 constexpr int64_t PARALLEL_ROWS = 4;  // below this, row loops stay on one thread
-}
+// Activations: chunks of this many values over the threads, each through the SIMD kernel.
+constexpr int64_t ACTIVATION_CHUNK = 1 << 14;
+}  // namespace
 
 void layer_norm(const float* x, float* y, int64_t n_rows, int64_t n, const float* w, const float* b, float eps) {
-#pragma omp parallel for if (n_rows >= PARALLEL_ROWS)
+#pragma omp parallel for if (n_rows >= PARALLEL_ROWS && !omp_in_parallel())
   for (int64_t r = 0; r < n_rows; ++r) {
     const float* xr = x + r * n;
     float* yr = y + r * n;
@@ -29,7 +37,7 @@ void layer_norm(const float* x, float* y, int64_t n_rows, int64_t n, const float
 }
 
 void rms_norm(const float* x, float* y, int64_t n_rows, int64_t n, const float* w, float eps) {
-#pragma omp parallel for if (n_rows >= PARALLEL_ROWS)
+#pragma omp parallel for if (n_rows >= PARALLEL_ROWS && !omp_in_parallel())
   for (int64_t r = 0; r < n_rows; ++r) {
     const float* xr = x + r * n;
     float* yr = y + r * n;
@@ -41,44 +49,61 @@ void rms_norm(const float* x, float* y, int64_t n_rows, int64_t n, const float* 
 }
 
 void add_bias(float* x, int64_t n_rows, int64_t n, const float* b) {
-#pragma omp parallel for if (n_rows >= PARALLEL_ROWS)
+#pragma omp parallel for if (n_rows >= PARALLEL_ROWS && !omp_in_parallel())
   for (int64_t r = 0; r < n_rows; ++r)
     for (int64_t i = 0; i < n; ++i) x[r * n + i] += b[i];
 }
 
 void add(float* x, const float* y, int64_t count) {
-#pragma omp parallel for if (count >= (1 << 16))
+#pragma omp parallel for if (count >= (1 << 16) && !omp_in_parallel())
   for (int64_t i = 0; i < count; ++i) x[i] += y[i];
 }
 
 void gelu(float* x, int64_t count) {
-  constexpr float SQRT_2_OVER_PI = 0.7978845608028654f;
-#pragma omp parallel for if (count >= (1 << 16))
-  for (int64_t i = 0; i < count; ++i) {
-    const float v = x[i];
-    x[i] = 0.5f * v * (1.0f + std::tanh(SQRT_2_OVER_PI * (v + 0.044715f * v * v * v)));
+  const int64_t n_chunks = (count + ACTIVATION_CHUNK - 1) / ACTIVATION_CHUNK;
+#pragma omp parallel for if (n_chunks > 1 && !omp_in_parallel())
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    const int64_t i = c * ACTIVATION_CHUNK;
+    gelu_tanh(x + i, std::min(ACTIVATION_CHUNK, count - i));
   }
 }
 
 void swiglu(float* gate, const float* up, int64_t count) {
-#pragma omp parallel for if (count >= (1 << 16))
-  for (int64_t i = 0; i < count; ++i) {
-    const float g = gate[i];
-    gate[i] = g / (1.0f + std::exp(-g)) * up[i];
+  const int64_t n_chunks = (count + ACTIVATION_CHUNK - 1) / ACTIVATION_CHUNK;
+#pragma omp parallel for if (n_chunks > 1 && !omp_in_parallel())
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    const int64_t i = c * ACTIVATION_CHUNK;
+    silu_mul(gate + i, up + i, std::min(ACTIVATION_CHUNK, count - i));
   }
 }
 
-void rope(float* x, int32_t n_heads, int32_t head_dim, int32_t rope_dim, float base, int32_t pos) {
-  for (int32_t i = 0; i < rope_dim / 2; ++i) {
-    // Angles in double: positions up to the context length keep full f32 precision.
-    const double theta = pos * std::pow(static_cast<double>(base), -2.0 * i / rope_dim);
-    const float c = static_cast<float>(std::cos(theta)), s = static_cast<float>(std::sin(theta));
-    for (int32_t h = 0; h < n_heads; ++h) {
-      float* p = x + static_cast<int64_t>(h) * head_dim + 2 * i;
-      const float a = p[0], b = p[1];
-      p[0] = a * c - b * s;
-      p[1] = a * s + b * c;
+void rope_angles(const int32_t* pos, int64_t n_rows, int32_t rope_dim, float base, float* cs) {
+  const int32_t n_pairs = rope_dim / 2;
+  std::vector<double> freq(static_cast<size_t>(n_pairs));  // [n_pairs] base^(-2i/rope_dim)
+  for (int32_t i = 0; i < n_pairs; ++i) freq[static_cast<size_t>(i)] = std::pow(static_cast<double>(base), -2.0 * i / rope_dim);
+#pragma omp parallel for if (n_rows >= 64)
+  for (int64_t r = 0; r < n_rows; ++r) {
+    for (int32_t i = 0; i < n_pairs; ++i) {
+      // Angles in double: positions up to the context length keep full f32 precision.
+      const double theta = pos[r] * freq[static_cast<size_t>(i)];
+      cs[(r * n_pairs + i) * 2] = static_cast<float>(std::cos(theta));
+      cs[(r * n_pairs + i) * 2 + 1] = static_cast<float>(std::sin(theta));
     }
+  }
+}
+
+void rope(float* x, int32_t n_heads, int32_t head_dim, int32_t rope_dim, const float* cs) {
+  rope_range(x, 0, static_cast<int64_t>(n_heads) * head_dim, head_dim, rope_dim, cs);
+}
+
+void rope_range(float* x, int64_t e0, int64_t e1, int32_t head_dim, int32_t rope_dim, const float* cs) {
+  for (int64_t e = e0; e < e1; e += 2) {
+    const int32_t d = static_cast<int32_t>(e % head_dim);  // even: pairs never straddle heads
+    if (d >= rope_dim) continue;
+    const float c = cs[d], s = cs[d + 1];  // pair d / 2: {cos, sin} at cs[d], cs[d + 1]
+    const float a = x[e], b = x[e + 1];
+    x[e] = a * c - b * s;
+    x[e + 1] = a * s + b * c;
   }
 }
 

@@ -1,5 +1,6 @@
 // Row-wise operations of the transformer blocks, on f32 activations [n_rows][n] (row-major).
-// Each parallelises over rows with OpenMP when there are enough of them.
+// Each parallelises over rows with OpenMP when there are enough of them, unless called inside a
+// parallel region (then the calling thread does all of it).
 #pragma once
 
 #include <cstdint>
@@ -18,8 +19,15 @@ void add(float* x, const float* y, int64_t count);
 void gelu(float* x, int64_t count);
 // gate[i] = silu(gate[i]) * up[i]  (SwiGLU), in place in gate.
 void swiglu(float* gate, const float* up, int64_t count);
-// Rotates adjacent pairs (x[2i], x[2i+1]) of the first rope_dim dims of every head of one row,
-// by angle pos * base^(-2i/rope_dim). x is [n_heads][head_dim].
-void rope(float* x, int32_t n_heads, int32_t head_dim, int32_t rope_dim, float base, int32_t pos);
+// RoPE's rotations for rows at positions pos[0 .. n_rows-1]: cs[r][i] = {cos, sin} of the angle
+// pos[r] * base^(-2i/rope_dim), i < rope_dim / 2. cs: [n_rows][rope_dim / 2][2]. Computed once per
+// forward pass and shared by every layer.
+void rope_angles(const int32_t* pos, int64_t n_rows, int32_t rope_dim, float base, float* cs);
+// Rotates adjacent pairs (x[2i], x[2i+1]) of the first rope_dim dims of every head of one row by
+// the angles of that row's cs ([rope_dim / 2][2], from rope_angles). x is [n_heads][head_dim].
+void rope(float* x, int32_t n_heads, int32_t head_dim, int32_t rope_dim, const float* cs);
+// The same for the pairs of one row whose first element lies in [e0, e1) (e0 even): a thread's
+// share of a row's heads.
+void rope_range(float* x, int64_t e0, int64_t e1, int32_t head_dim, int32_t rope_dim, const float* cs);
 
 }  // namespace backprompt::ops

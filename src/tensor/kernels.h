@@ -1,12 +1,16 @@
 // Compute kernels used by the model runtime. All take f32 activations; weights come in any
 // DType and are read in place from the mmap.
 //
-// Threading: each call uses the OpenMP thread team (omp_get_max_threads()); call from one
-// thread at a time. CPU features are detected at run time; every fast path has a portable one.
+// Threading: matmul and matmul_many use the OpenMP thread team (omp_get_max_threads(), shared
+// with oneDNN, so nothing is oversubscribed); call them from one thread at a time, outside any
+// parallel region. matmul_many_part, attention_tile and the activation functions are per-thread
+// pieces for callers that run their own parallel region. CPU features are detected at run time;
+// every fast path has a portable one.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <span>
 #include <string_view>
 
 #include "tensor/dtype.h"
@@ -26,8 +30,93 @@ struct MatrixView {
 // y[n, n_out] = x[n, n_in] · Wᵀ. x and y are row-major and do not alias.
 void matmul(const MatrixView& w, const float* x, int64_t n, float* y);
 
+// matmul() reads each weight row once for all activation rows (decode kernels, memory-bound) up
+// to this many rows, and uses GEMM (compute-bound) above.
+constexpr int64_t MATMUL_FUSED_MAX_N = 32;
+
+// One product of several that share their input x: y[n, w.n_out] = x · wᵀ.
+struct MatmulTarget {
+  MatrixView w;
+  float* y = nullptr;
+};
+
+// Every target's product of the same x[n, n_in] (all w.n_in equal): the same results as one
+// matmul() per target, but at decode sizes all of them share one parallel region (one wake-up
+// of the thread team instead of one per matrix), e.g. the q, k and v projections.
+void matmul_many(std::span<const MatmulTarget> targets, const float* x, int64_t n);
+
+// For use inside a parallel region whose every thread calls it (thread t of n_threads): this
+// thread's share of matmul_many's products (decode-sized n, fused kernels), without any barrier.
+// The share is rows [rows[i].r0, rows[i].r1) of target i's outputs (for every activation row);
+// targets with the same n_out get the same row ranges. rows: [targets.size()].
+struct RowRange {
+  int64_t r0 = 0, r1 = 0;
+};
+void matmul_many_part(std::span<const MatmulTarget> targets, const float* x, int64_t n, int t, int n_threads,
+                      RowRange* rows);
+
 // dst[n_in] = row r of W as f32 (embedding lookup).
 void matrix_get_row(const MatrixView& w, int64_t r, float* dst);
+
+// One source of keys and values for attention: n rows, row t of K at k + t * stride (V alike,
+// with the same stride), each row starting at the tile's first key/value head.
+struct KvRowsView {
+  const float* k = nullptr;
+  const float* v = nullptr;
+  int64_t n = 0;
+};
+
+// Causal attention for a tile of query vectors over n_kv_heads consecutive key/value heads, each
+// shared by n_group consecutive query heads (grouped-query attention). The tile's query rows are
+// consecutive positions of one sequence; with n_heads = n_kv_heads * n_group, query vector i is
+// row i / n_heads, head h = i % n_heads:
+//   q + (i / n_heads) * ldq + h * head_dim   (its head_dim values), out alike with ldo,
+// and its keys and values are columns (h / n_group) * head_dim ... + head_dim of the K/V rows.
+// The keys, in order, are the rows of kv[0], kv[1], ..., kv[n_kv - 1] (an ancestor chain read in
+// place, the sequence's own rows last); row r of the tile sees the first n_keys0 + r of them
+// (n_keys0 >= 1).  out_i = softmax(scale * q_i · Kᵀ) V over the keys it sees.
+// Several key/value heads in one tile let decode read each key row's heads contiguously.
+struct AttentionTile {
+  const float* q = nullptr;
+  float* out = nullptr;
+  int64_t ldq = 0, ldo = 0;
+  int32_t n_rows = 0;
+  int32_t n_kv_heads = 1;
+  int32_t n_group = 1;
+  int32_t head_dim = 0;
+  float scale = 1.0f;
+  const KvRowsView* kv = nullptr;
+  int32_t n_kv = 0;
+  int64_t kv_stride = 0;  // floats between consecutive rows of K (and of V)
+  int64_t n_keys0 = 1;
+};
+
+// Runs one tile on the calling thread (callers parallelise over tiles). Softmax in f32 with a
+// running maximum (keys in blocks), so any number of keys fits in a fixed amount of memory.
+void attention_tile(const AttentionTile& t);
+
+// Activation functions, in place, on the calling thread (callers parallelise):
+// gate[i] = silu(gate[i]) * up[i]  (SwiGLU: silu(g) = g / (1 + e^-g)).
+void silu_mul(float* gate, const float* up, int64_t n);
+// x[i] = GELU(x[i]), tanh approximation (GPT-2): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+void gelu_tanh(float* x, int64_t n);
+
+// Arithmetic matmul() may use for prefill-sized products (more than a few activation rows;
+// decode-sized products are always exact):
+//   EXACT (default): f32 multiplies and sums on exactly converted weights; logits agree with an
+//     f32 reference within 1e-4 relative.
+//   BF16: for bf16 weights only, activations rounded to bf16 and oneDNN's bf16 GEMM (f32 sums),
+//     about 2x the f32 GEMM's throughput, where the CPU does bf16 natively (AVX512_BF16, AMX;
+//     elsewhere, and for other weight types, matmul stays exact). Not exact: rounding the
+//     activations moves logits by up to ~1% of the largest one (0.3-0.8% measured, argmax kept at
+//     97-100% of positions: bench/SPEED.md), far outside the 1e-4 the runtime is tested to.
+// The initial value comes from env BACKPROMPT_MATMUL ("bf16"; anything else: exact).
+// Process-wide; do not change it while kernels are running.
+enum class MatmulPrecision { EXACT, BF16 };
+void kernels_set_matmul_precision(MatmulPrecision p);
+MatmulPrecision kernels_matmul_precision();
+// Whether this CPU runs oneDNN's bf16 GEMM natively (so that MatmulPrecision::BF16 applies).
+bool kernels_bf16_native();
 
 // Name of the SIMD path chosen at run time ("avx512", "avx2", "scalar"), for diagnostics.
 // The best path this CPU supports, unless env BACKPROMPT_ISA=scalar|avx2|avx512 asks for another

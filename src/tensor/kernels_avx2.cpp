@@ -32,6 +32,7 @@ BP_TARGET_AVX2 inline float hsum(__m256 v) {
 // Loaders: 8 weights of a row starting at element k as f32 (`full`), or one (`one`).
 struct LoadF32 {
   static constexpr bool Q8 = false;
+  static constexpr int BYTES = 4;  // per weight
   BP_TARGET_AVX2 static __m256 full(const uint8_t* row, int64_t k) {
     return _mm256_loadu_ps(reinterpret_cast<const float*>(row) + k);
   }
@@ -42,6 +43,7 @@ struct LoadF32 {
 
 struct LoadF16 {
   static constexpr bool Q8 = false;
+  static constexpr int BYTES = 2;  // per weight
   BP_TARGET_AVX2 static __m256 full(const uint8_t* row, int64_t k) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * k)));
   }
@@ -54,6 +56,7 @@ struct LoadF16 {
 
 struct LoadBF16 {
   static constexpr bool Q8 = false;
+  static constexpr int BYTES = 2;  // per weight
   BP_TARGET_AVX2 static __m256 full(const uint8_t* row, int64_t k) {
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * k));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
@@ -65,17 +68,16 @@ struct LoadBF16 {
   }
 };
 
-// Q8_0 rows stream faster with a software prefetch ahead of the hardware's (measured with the
-// AVX-512 kernels: about +20% at n = 1; the same distance is used here untuned). Prefetches
-// never fault, even past the row's end.
-constexpr int64_t Q8_0_PREFETCH_BLOCKS = 16;
+// Software prefetch of the same position in the next group of ROW_GROUP rows, as in
+// kernels_avx512.cpp (measured there: it takes single-thread decode to the memory bandwidth).
+constexpr int64_t ROW_GROUP = 8;
+
+inline void prefetch(const uint8_t* p, int64_t ahead) {  // an address, not a pointer into a row
+  _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(ahead)), _MM_HINT_T0);
+}
 
 struct LoadQ8_0 {
   static constexpr bool Q8 = true;
-  static void prefetch(const uint8_t* row, int64_t b) {  // an address, not a pointer into the row
-    const uintptr_t at = reinterpret_cast<uintptr_t>(row) + static_cast<uintptr_t>(b) * sizeof(BlockQ8_0);
-    _mm_prefetch(reinterpret_cast<const char*>(at), _MM_HINT_T0);
-  }
   BP_TARGET_AVX2 static __m256 scale(const uint8_t* row, int64_t b) {
     return _mm256_set1_ps(_cvtsh_ss(reinterpret_cast<const BlockQ8_0*>(row)[b].d));
   }
@@ -90,7 +92,7 @@ struct LoadQ8_0 {
 // y[j * ldy + i] = dot(row i of w, x row j) for i < RW, j < NX; x rows are ldx apart.
 template <class L, int RW, int NX>
 BP_TARGET_AVX2 void tile(const uint8_t* const* w, const float* x, int64_t ldx, int64_t n_in,
-                         float* y, int64_t ldy) {
+                         float* y, int64_t ldy, int64_t ahead) {
   __m256 acc[RW][NX];
 #pragma GCC unroll 8
   for (int i = 0; i < RW; ++i) {
@@ -105,7 +107,7 @@ BP_TARGET_AVX2 void tile(const uint8_t* const* w, const float* x, int64_t ldx, i
 #pragma GCC unroll 8
       for (int i = 0; i < RW; ++i) d[i] = L::scale(w[i], b);
 #pragma GCC unroll 8
-      for (int i = 0; i < RW; ++i) L::prefetch(w[i], b + Q8_0_PREFETCH_BLOCKS);
+      for (int i = 0; i < RW; ++i) prefetch(w[i] + b * sizeof(BlockQ8_0), ahead);
 #pragma GCC unroll 4
       for (int s = 0; s < 4; ++s) {
         __m256 xv[NX];
@@ -127,6 +129,7 @@ BP_TARGET_AVX2 void tile(const uint8_t* const* w, const float* x, int64_t ldx, i
       for (int j = 0; j < NX; ++j) xv[j] = _mm256_loadu_ps(x + j * ldx + k);
 #pragma GCC unroll 8
       for (int i = 0; i < RW; ++i) {
+        prefetch(w[i] + k * L::BYTES, ahead);
         const __m256 wv = L::full(w[i], k);
 #pragma GCC unroll 4
         for (int j = 0; j < NX; ++j) acc[i][j] = _mm256_fmadd_ps(wv, xv[j], acc[i][j]);
@@ -152,18 +155,19 @@ template <class L, int NX>
 BP_TARGET_AVX2 void rows_times_x(const MatrixView& w, int64_t r, int64_t n_rows, const float* x,
                                  float* y) {
   constexpr int RW = NX == 1 ? 8 : NX == 2 ? 4 : 2;
-  const uint8_t* rows[8];
+  const uint8_t* rows[ROW_GROUP];
   for (int64_t i = 0; i < n_rows; ++i) rows[i] = w.row(r + i);
   int64_t i = 0;
-  for (; i + RW <= n_rows; i += RW) tile<L, RW, NX>(rows + i, x, w.n_in, w.n_in, y + i, w.n_out);
-  for (; i < n_rows; ++i) tile<L, 1, NX>(rows + i, x, w.n_in, w.n_in, y + i, w.n_out);
+  const int64_t ahead = ROW_GROUP * static_cast<int64_t>(w.row_bytes());
+  for (; i + RW <= n_rows; i += RW) tile<L, RW, NX>(rows + i, x, w.n_in, w.n_in, y + i, w.n_out, ahead);
+  for (; i < n_rows; ++i) tile<L, 1, NX>(rows + i, x, w.n_in, w.n_in, y + i, w.n_out, ahead);
 }
 
 template <class L>
 BP_TARGET_AVX2 void matvec_typed(const MatrixView& w, const float* x, int64_t n, float* y,
                                  int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; r += 8) {
-    const int64_t n_rows = min_i64(8, r1 - r);
+  for (int64_t r = r0; r < r1; r += ROW_GROUP) {
+    const int64_t n_rows = min_i64(ROW_GROUP, r1 - r);
     for (int64_t j = 0; j < n; j += 4) {
       const float* xj = x + j * w.n_in;  // [nx][n_in]
       float* yj = y + j * w.n_out + r;   // [nx][n_out], from column r
@@ -217,7 +221,8 @@ BP_TARGET_AVX2 void dequantize_row_avx2(DType t, const void* src, float* dst, in
   BP_ASSERT(false && "unknown dtype");
 }
 
-const KernelIsa AVX2 = {"avx2", matvec_avx2, dequantize_row_avx2};
+const KernelIsa AVX2 = {"avx2", matvec_avx2, dequantize_row_avx2, attention_tile_portable,
+                        silu_mul_portable, gelu_tanh_portable};
 
 }  // namespace
 

@@ -1,6 +1,7 @@
 // The portable kernel table: plain C++ for any CPU, and the reference the SIMD tables are
 // tested against. Each weight row is dequantized once into a thread-local buffer, then dotted
 // with every activation row.
+#include <cmath>
 #include <vector>
 
 #include "tensor/dtype.h"
@@ -35,9 +36,22 @@ void matvec_scalar(const MatrixView& w, const float* x, int64_t n, float* y, int
   }
 }
 
-const KernelIsa SCALAR = {"scalar", matvec_scalar, dequantize_row};
+const KernelIsa SCALAR = {"scalar", matvec_scalar, dequantize_row, attention_tile_portable, silu_mul_portable,
+                          gelu_tanh_portable};
 
 }  // namespace
+
+void silu_mul_portable(float* gate, const float* up, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+}
+
+void gelu_tanh_portable(float* x, int64_t n) {
+  constexpr float SQRT_2_OVER_PI = 0.7978845608028654f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i];
+    x[i] = 0.5f * v * (1.0f + std::tanh(SQRT_2_OVER_PI * (v + 0.044715f * v * v * v)));
+  }
+}
 
 const KernelIsa* kernel_isa_scalar() { return &SCALAR; }
 

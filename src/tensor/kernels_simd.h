@@ -22,7 +22,21 @@ struct KernelIsa {
 
   // dst[n] = src row of type t as f32; bit-identical to backprompt::dequantize_row.
   void (*dequantize_row)(DType t, const void* src, float* dst, int64_t n);
+
+  // attention_tile(), silu_mul(), gelu_tanh() (kernels.h) on this instruction set.
+  void (*attention_tile)(const AttentionTile& t);
+  void (*silu_mul)(float* gate, const float* up, int64_t n);
+  void (*gelu_tanh)(float* x, int64_t n);
 };
+
+// Portable activation functions (the scalar and AVX2 tables).
+void silu_mul_portable(float* gate, const float* up, int64_t n);
+void gelu_tanh_portable(float* x, int64_t n);
+
+// The attention tile in portable C++ (the scalar and AVX2 tables), and with AVX-512 (its own
+// file; heads wider than 128 go to the portable one).
+void attention_tile_portable(const AttentionTile& t);
+void attention_tile_avx512(const AttentionTile& t);
 
 const KernelIsa* kernel_isa_scalar();
 // The running CPU's F16C flag (CPUID; clang's __builtin_cpu_supports does not know "f16c").
@@ -38,11 +52,18 @@ const KernelIsa& kernel_isa();
 // fused kernels parallelised over output rows (weights read once; best for small n), and
 // oneDNN sgemm on f32 weights or on blocks of rows dequantized into a scratch buffer.
 void matmul_fused(const MatrixView& w, const float* x, int64_t n, float* y);
+void matmul_fused_many(std::span<const MatmulTarget> targets, const float* x, int64_t n);
 void matmul_gemm(const MatrixView& w, const float* x, int64_t n, float* y);
 
-// matmul() uses matmul_fused for n <= this, matmul_gemm above. Measured on the AVX-512 dev
-// machine (2048 x 4096 weights, one thread): fused is 1.4-3x faster than dequantize + sgemm up
-// to n = 32 for every type, about even at n = 64 (f32), and sgemm wins from n = 128 on.
-constexpr int64_t MATMUL_FUSED_MAX_N = 32;
+// The current MatmulPrecision, and the bf16 product for bf16 weights under BF16 (kernels_gemm_bf16.cpp):
+// false, doing nothing, when it does not apply (other type, EXACT, no native bf16, no oneDNN
+// implementation for the shape).
+MatmulPrecision matmul_precision();
+bool gemm_bf16(const MatrixView& w, const float* x, int64_t n, float* y);
+
+// matmul() uses matmul_fused for n <= MATMUL_FUSED_MAX_N (kernels.h), matmul_gemm above. Measured
+// on the AVX-512 dev machine (2048 x 4096 weights, one thread): fused is 1.4-3x faster than
+// dequantize + sgemm up to n = 32 for every type, about even at n = 64 (f32), and sgemm wins
+// from n = 128 on.
 
 }  // namespace backprompt::detail

@@ -1,0 +1,135 @@
+// bench_precision: how far MatmulPrecision::BF16 (bf16 activations x bf16 weights in prefill
+// GEMMs) moves logits from the exact f32 arithmetic, on one model.
+//
+//   bench_precision MODEL [-n TOKENS] [--text FILE]
+//
+// MODEL with f32/f16 matrices is first converted to a bf16 copy (next to the system's temp
+// directory), so that a trained model (e.g. stories260K) can be measured: both runs then use the
+// same bf16 weights and differ only in the arithmetic. The prompt is the text (tokenized) or
+// random tokens; all positions' logits are compared. Prints, over all positions: max |diff|,
+// max |logit|, their ratio (the runtime tests allow 1e-4), mean |diff|, and how often the argmax
+// (greedy next token) agrees.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "backprompt/error.h"
+#include "backprompt/model.h"
+#include "gguf/gguf.h"
+#include "model/runtime.h"
+#include "tensor/kernels.h"
+
+namespace bp = backprompt;
+
+namespace {
+
+// A copy of `src` whose 2-D f32/f16 tensors are bf16 (rounded to nearest even).
+std::string bf16_copy(const std::string& src) {
+  const std::unique_ptr<bp::gguf::File> f = bp::gguf::File::open(src);
+  bp::gguf::Writer w;
+  for (const bp::gguf::KeyValue& kv : f->metadata()) {
+    if (kv.key != "general.file_type") w.copy_kv(kv);
+  }
+  w.set_u32("general.file_type", 32);  // llama.cpp's MOSTLY_BF16
+  for (const bp::gguf::TensorInfo& t : f->tensors()) {
+    const bool convert = t.ne.size() == 2 && (t.type == bp::DType::F32 || t.type == bp::DType::F16);
+    const bp::DType type = convert ? bp::DType::BF16 : t.type;
+    const bp::gguf::TensorInfo* info = &t;
+    w.add_tensor(t.name, type, t.ne, [info, convert](std::span<uint8_t> out) {
+      if (!convert) {
+        std::copy(info->data, info->data + info->n_bytes, out.begin());
+        return;
+      }
+      const int64_t n_in = info->ne[0], n_rows = info->n_elements() / n_in;
+      std::vector<float> row(static_cast<size_t>(n_in));  // [n_in]
+      for (int64_t r = 0; r < n_rows; ++r) {
+        bp::dequantize_row(info->type, info->data + r * bp::dtype_row_bytes(info->type, n_in), row.data(), n_in);
+        bp::quantize_row(bp::DType::BF16, row.data(), out.data() + r * bp::dtype_row_bytes(bp::DType::BF16, n_in), n_in);
+      }
+    });
+  }
+  const std::string path =
+      (std::filesystem::temp_directory_path() / (std::filesystem::path(src).stem().string() + "-bf16.gguf")).string();
+  w.write(path);
+  return path;
+}
+
+std::vector<float> all_logits(const bp::Model& m, const std::vector<int32_t>& tokens, bp::MatmulPrecision p) {
+  bp::kernels_set_matmul_precision(p);
+  bp::Sequence seq(m);
+  return seq.append(tokens, bp::LogitsMode::ALL);  // [n][n_vocab]
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) {
+    std::fprintf(stderr, "usage: bench_precision MODEL [-n TOKENS] [--text FILE]\n");
+    return 2;
+  }
+  std::string path = argv[1], text_path;
+  int n_tokens = 256;
+  for (int i = 2; i + 1 < argc; i += 2) {
+    const std::string a = argv[i];
+    if (a == "-n") n_tokens = std::atoi(argv[i + 1]);
+    else if (a == "--text") text_path = argv[i + 1];
+  }
+  try {
+    if (!bp::kernels_bf16_native()) {
+      std::printf("this CPU has no native bf16 GEMM: MatmulPrecision::BF16 does not apply here\n");
+      return 0;
+    }
+    std::shared_ptr<bp::Model> model = bp::Model::load(path);
+    if (model->weight_type_name() != "bf16") {
+      path = bf16_copy(path);
+      model = bp::Model::load(path);
+    }
+    const bp::ModelConfig& c = model->config();
+    std::vector<int32_t> tokens;
+    if (!text_path.empty()) {
+      std::ifstream in(text_path);
+      std::stringstream ss;
+      ss << in.rdbuf();
+      tokens = model->tokenizer().encode(ss.str());
+    } else {
+      std::mt19937 rng(7);
+      for (int i = 0; i < n_tokens; ++i) tokens.push_back(static_cast<int32_t>(rng() % static_cast<uint32_t>(c.n_vocab)));
+    }
+    tokens.resize(std::min<size_t>(tokens.size(), std::min<size_t>(static_cast<size_t>(n_tokens), static_cast<size_t>(c.n_ctx))));
+    const std::vector<float> exact = all_logits(*model, tokens, bp::MatmulPrecision::EXACT);
+    const std::vector<float> fast = all_logits(*model, tokens, bp::MatmulPrecision::BF16);
+
+    double max_diff = 0, max_ref = 0, sum_diff = 0;
+    int64_t same_argmax = 0;
+    const int64_t n = static_cast<int64_t>(tokens.size()), V = c.n_vocab;
+    for (int64_t t = 0; t < n; ++t) {
+      int64_t a = 0, b = 0;
+      for (int64_t i = 0; i < V; ++i) {
+        const double e = exact[t * V + i], f = fast[t * V + i];
+        max_diff = std::max(max_diff, std::abs(e - f));
+        max_ref = std::max(max_ref, std::abs(e));
+        sum_diff += std::abs(e - f);
+        if (e > exact[t * V + a]) a = i;
+        if (f > fast[t * V + b]) b = i;
+      }
+      same_argmax += a == b;
+    }
+    std::printf("model: %s (bf16 weights), %lld positions x %lld vocab, %s prompt\n", path.c_str(),
+                static_cast<long long>(n), static_cast<long long>(V), text_path.empty() ? "random" : "text");
+    std::printf("bf16 arithmetic vs exact: max |diff| %.3g, max |logit| %.3g, ratio %.3g (tests allow 1e-4); "
+                "mean |diff| %.3g; same argmax at %lld/%lld positions\n",
+                max_diff, max_ref, max_diff / std::max(1.0, max_ref), sum_diff / static_cast<double>(n * V),
+                static_cast<long long>(same_argmax), static_cast<long long>(n));
+  } catch (const bp::Error& e) {
+    std::fprintf(stderr, "bench_precision: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

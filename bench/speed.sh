@@ -1,0 +1,206 @@
+#!/usr/bin/env bash
+# The speed table of issue 5, in one command: builds backprompt (Release, ./build), makes the
+# models (once, cached in bench/out/models/), measures the machine's limits (bench_limits), runs
+# `backprompt bench` on every model and prints one table: prefill (pp512) and decode (tg128)
+# tokens/s, each as a fraction of its limit, peak memory, and llama.cpp's figures from the issue.
+#
+#   bench/speed.sh                    everything (tinyllama-1.1b f32 is a 4.4 GB file: slow to make once)
+#   BENCH_SKIP_BIG=1 bench/speed.sh   without tinyllama-1.1b f32
+#
+# Environment:
+#   BENCH_REPS      timed runs per `backprompt bench` test (default 3), after a warm-up run
+#   BENCH_THREADS   threads (default: all cores)
+#   BENCH_SKIP_BIG  1: skip tinyllama-1.1b f32
+#   BENCH_ONLY      space-separated model names to run (e.g. "llama-110m"), default all three
+# On a machine shared with other work, OpenMP threads that spin while waiting are descheduled and
+# every figure suffers: set OMP_WAIT_POLICY=passive there (the table's header says which was used).
+#
+# Columns:
+#   pp512     prefill: one 512-token append, logits of the last token (mean ± sd over the reps)
+#   tg128     decode: 128 tokens one at a time after a 512-token prompt
+#   pp/peak   useful prefill FLOP/s (2 x weight-matrix elements + causal attention, per token)
+#             over the peak GEMM throughput of the arithmetic used (f32 sgemm; bf16 GEMM for the
+#             "bf16*" row, which runs with BACKPROMPT_MATMUL=bf16: bf16 activations, not exact)
+#   tg/bw     bytes a decode step must read (every weight matrix except the embedding table, plus
+#             the f32 K/V of the 576 positions attended to on average) x tg128 / read bandwidth
+#   llama.cpp the issue's figures for the same shapes (February 2025 build, 2 threads, AVX-512 EPYC)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+reps=${BENCH_REPS:-3}
+only=${BENCH_ONLY:-llama-110m tinyllama-1.1b gpt2-124m}
+threads_arg=()
+[ -n "${BENCH_THREADS:-}" ] && threads_arg=(-t "$BENCH_THREADS")
+out=bench/out
+models=$out/models
+mkdir -p "$models"
+
+echo "== build (Release, ./build)"
+scripts/build.sh >"$out/speed-build.log" 2>&1 || { tail -30 "$out/speed-build.log"; echo "bench/speed.sh: build failed (log: $out/speed-build.log)" >&2; exit 1; }
+bp=build/backprompt
+
+vocab_dir=${BACKPROMPT_TEST_DATA:-$root/../shared/models}/ggml-vocab
+# model_file PRESET DTYPE: path of the cached model, made on first use.
+model_file() {
+  local preset=$1 dtype=$2 arch=llama vocab=ggml-vocab-llama-spm.gguf tag=spm
+  if [ "$preset" = gpt2-124m ]; then arch=gpt2 vocab=ggml-vocab-gpt-2.gguf tag=gpt2; fi
+  local vocab_arg=()
+  if [ -f "$vocab_dir/$vocab" ]; then vocab_arg=(--vocab "$vocab_dir/$vocab"); else tag=bytes; fi
+  local f=$models/$preset-$dtype-$tag.gguf
+  if [ ! -f "$f" ]; then
+    echo "   making $f" >&2
+    "$bp" make-model --arch "$arch" --preset "$preset" --dtype "$dtype" "${vocab_arg[@]}" --seed 1 -o "$f" >&2
+  fi
+  echo "$f"
+}
+
+runs=()  # "preset dtype label file env"
+for preset in $only; do
+  case $preset in
+    llama-110m) dtypes="f32 f16 bf16 q8_0" ;;
+    tinyllama-1.1b) dtypes="f32 f16 bf16 q8_0"; [ "${BENCH_SKIP_BIG:-0}" = 1 ] && dtypes="f16 bf16 q8_0" ;;
+    gpt2-124m) dtypes="f32 f16" ;;
+    *) echo "bench/speed.sh: unknown model $preset" >&2; exit 2 ;;
+  esac
+  echo "== models: $preset ($dtypes)"
+  for dt in $dtypes; do
+    f=$(model_file "$preset" "$dt")
+    runs+=("$preset $dt $dt $f -")
+    [ "$dt" = bf16 ] && runs+=("$preset $dt bf16* $f BACKPROMPT_MATMUL=bf16")
+  done
+done
+
+echo "== machine limits (bench_limits)"
+limits_log=$out/speed-limits.txt
+build/bench_limits "${threads_arg[@]}" | tee "$limits_log"
+
+echo "== backprompt bench (pp512, tg128, $reps reps after a warm-up)"
+results=$out/speed-results.txt
+: >"$results"
+for r in "${runs[@]}"; do
+  read -r preset dt label f envs <<<"$r"
+  log=$out/speed-$preset-$label.txt
+  echo "-- $preset $label"
+  if [ "$envs" = - ]; then
+    "$bp" bench -m "$f" -p 512 -n 128 -r "$reps" "${threads_arg[@]}" | tee "$log"
+  else
+    env "$envs" "$bp" bench -m "$f" -p 512 -n 128 -r "$reps" "${threads_arg[@]}" | tee "$log"
+  fi
+  echo "$preset $label $f $log" >>"$results"
+done
+
+echo
+echo "================ speed ($(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, threads ${BENCH_THREADS:-all}," \
+  "OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-unset}, load average $(cut -d' ' -f1-3 /proc/loadavg))"
+grep -E "^cpu:" "$limits_log" || true
+/usr/bin/python3 - "$limits_log" "$results" <<'EOF'
+import re, struct, sys
+
+limits = {}
+for line in open(sys.argv[1]):
+    m = re.match(r"limit (\S+) ([\d.]+)", line)
+    if m:
+        limits[m.group(1)] = float(m.group(2))
+
+# llama.cpp (February 2025 build, 2 threads) on the issue's machine: (pp512, tg128).
+LLAMA_CPP = {("llama-110m", "f32"): (809, 62), ("llama-110m", "f16"): (1037, 136), ("llama-110m", "q8_0"): (930, 205),
+             ("tinyllama-1.1b", "f32"): (92, 13.5), ("tinyllama-1.1b", "f16"): (129, 21), ("tinyllama-1.1b", "q8_0"): (104, 35)}
+
+def gguf_info(path):
+    """Hyperparameters and tensor shapes/types from a GGUF file's header."""
+    f = open(path, "rb")
+    def u32(): return struct.unpack("<I", f.read(4))[0]
+    def u64(): return struct.unpack("<Q", f.read(8))[0]
+    def string(): return f.read(u64()).decode("utf-8", "replace")
+    sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+    def value(t):
+        if t == 8: return string()
+        if t == 9:
+            et, n = u32(), u64()
+            if et == 8:
+                for _ in range(n): string()
+            else:
+                f.seek(sizes[et] * n, 1)
+            return None
+        raw = f.read(sizes[t])
+        return struct.unpack({0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}[t], raw)[0]
+    assert f.read(4) == b"GGUF"
+    u32()
+    n_tensors, n_kv = u64(), u64()
+    kv = {}
+    for _ in range(n_kv):
+        k = string()
+        kv[k] = value(u32())
+    tensors = []
+    for _ in range(n_tensors):
+        name = string()
+        ne = [u64() for _ in range(u32())]
+        t = u32()
+        u64()
+        tensors.append((name, ne, t))
+    return kv, tensors
+
+BYTES = {0: 4.0, 1: 2.0, 30: 2.0, 8: 34 / 32}  # f32, f16, bf16, q8_0 per element
+
+def fmt_rate(line):
+    m = re.search(r":\s*([\d.]+)\s*±\s*([\d.]+)", line)
+    return (float(m.group(1)), float(m.group(2))) if m else (None, None)
+
+rows = []
+for line in open(sys.argv[2]):
+    preset, label, path, log = line.split()
+    text = open(log).read()
+    pp, pp_sd = fmt_rate(next((l for l in text.splitlines() if l.startswith("pp")), ""))
+    tg, tg_sd = fmt_rate(next((l for l in text.splitlines() if l.startswith("tg")), ""))
+    rss = re.search(r"peak RSS: ([\d.]+) MiB", text)
+    kv, tensors = gguf_info(path)
+    arch = kv["general.architecture"]
+    n_layer = kv[arch + ".block_count"]
+    n_embd = kv[arch + ".embedding_length"]
+    n_head = kv[arch + ".attention.head_count"]
+    n_kv_head = kv.get(arch + ".attention.head_count_kv", n_head)
+    kv_dim = n_embd // n_head * n_kv_head
+    names = {t[0] for t in tensors}
+    mat_elems, read_bytes = 0, 0.0
+    for name, ne, t in tensors:
+        if len(ne) != 2 or name == "position_embd.weight":
+            continue
+        elems = ne[0] * ne[1]
+        if name == "token_embd.weight":
+            if "output.weight" in names:
+                continue  # only one row is read per token
+            read_bytes += elems * BYTES[t]  # tied: the output projection reads it all
+            continue
+        if name != "output.weight":
+            mat_elems += elems  # block matrices: every prompt token multiplies them
+        read_bytes += elems * BYTES[t]
+    # Prefill of 512 tokens: matrices, plus causal attention (q·k and p·v: 2 x 2 x keys x q_dim,
+    # 256.5 keys on average); logits for the last token only (negligible).
+    flop_per_token = 2.0 * mat_elems + 4.0 * 256.5 * n_embd * n_layer
+    # Decode after 512 tokens: 128 steps attending to 512 .. 639 positions (576 on average).
+    read_bytes += 2 * n_layer * 576.0 * kv_dim * 4
+    peak = limits.get("gemm_bf16" if label == "bf16*" else "gemm_f32")
+    bw = limits.get("bandwidth")
+    ref = LLAMA_CPP.get((preset, label))
+    rows.append([
+        preset, label,
+        f"{pp:.1f} ± {pp_sd:.1f}" if pp else "-",
+        f"{tg:.2f} ± {tg_sd:.2f}" if tg else "-",
+        f"{pp * flop_per_token / 1e9:.0f} GF/s {100 * pp * flop_per_token / 1e9 / peak:.0f}%" if pp and peak else "-",
+        f"{tg * read_bytes / 1e9:.1f} GB/s {100 * tg * read_bytes / 1e9 / bw:.0f}%" if tg and bw else "-",
+        f"{float(rss.group(1)):.0f} MiB" if rss else "-",
+        f"{ref[0]:g} / {ref[1]:g}" if ref else "-",
+        f"{pp / ref[0]:.2f}x / {tg / ref[1]:.2f}x" if ref and pp and tg else "-",
+    ])
+
+head = ["model", "type", "pp512 tok/s", "tg128 tok/s", "pp/peak", "tg/bw", "peak RSS", "llama.cpp pp/tg", "ours/llama.cpp"]
+width = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
+print("  ".join(h.ljust(w) for h, w in zip(head, width)))
+for r in rows:
+    print("  ".join(str(c).ljust(w) for c, w in zip(r, width)))
+print(f"limits: f32 GEMM {limits.get('gemm_f32', 0):.0f} GFLOP/s, bf16 GEMM {limits.get('gemm_bf16', 0):.0f} GFLOP/s, "
+      f"int8 GEMM {limits.get('gemm_s8', 0):.0f} GOP/s, read bandwidth {limits.get('bandwidth', 0):.1f} GB/s (all threads)")
+print("bf16*: bf16 weights with BACKPROMPT_MATMUL=bf16 (activations rounded to bf16 in prefill GEMMs; not exact)")
+EOF
+echo "(logs in $out/speed-*.txt; on a shared machine figures are noisy: compare runs made under the same load)"

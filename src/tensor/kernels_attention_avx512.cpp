@@ -1,0 +1,362 @@
+// attention_tile() with AVX-512 (see kernels_avx512.cpp for how target functions are compiled).
+// Two shapes, both with the running-maximum softmax of kernels_attention.cpp over key blocks:
+//
+// Lanes (16 or more query vectors, prefill): vector lanes run over query vectors. The tile's
+// queries are transposed once into qt [head_dim][lanes]; then, per block of keys,
+//   scores  st[key][lane] = sum_d K[key][d] * qt[d][lane]    (K rows broadcast, read in place)
+//   output  ot[d][lane] += sum_key V[key][d] * st[key][lane]   (V rows broadcast, read in place)
+// so neither K nor V is copied or transposed, and every FMA does 16 useful multiplies.
+//
+// Dots (fewer query vectors, decode): lanes run over head dimensions. Each key row is loaded
+// once and dotted with every query vector of the tile (the heads that share it; a tile may span
+// several key/value heads, whose columns of a row are then read together), then V rows are
+// accumulated into the output rows: reading K and V once is what decode costs. K and V rows are
+// prefetched DOT_PREFETCH_ROWS ahead (measured on the dev machine, llama-110m shape at 640
+// positions, one thread: 18 -> 29 GB/s; reading 6 heads of each row together: 31).
+//
+// exp: exp_ps (kernels_avx512_math.h), relative error ~2e-7; masked-out keys give exactly 0.
+#include <cmath>
+#include <cstdint>
+
+#include "backprompt/error.h"
+#include "tensor/kernels_simd.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+
+#include "tensor/kernels_avx512_math.h"
+
+namespace backprompt::detail {
+
+namespace {
+
+constexpr int L = 16;                     // f32 lanes per vector
+constexpr int MAX_HEAD_DIM = 128;         // wider heads take the portable path
+constexpr int LANE_BLOCK = 64;            // keys per block, lanes shape
+constexpr int DOT_BLOCK = 128;            // keys per block, dots shape
+constexpr int64_t DOT_PREFETCH_ROWS = 8;  // dots shape: K and V rows prefetched this far ahead
+constexpr int DOT_MAX_Q = 16;             // query vectors in the dots shape (more: lanes shape)
+
+inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+BP_TARGET_AVX512 inline __mmask16 head_mask(int32_t head_dim, int v) {  // lanes of vector v in the head
+  const int n = head_dim - v * L;
+  return n >= L ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lanes shape: NQV vectors of 16 query vectors each.
+
+// st[r][lane] for RK keys from row k (stride ks): scores, or -inf where the lane's row does not
+// see the key (key index key0 + r >= lim[lane]).
+template <int NQV, int RK>
+BP_TARGET_AVX512 void lane_scores(const float* qt, int32_t head_dim, const float* k, int64_t ks,
+                                  int32_t key0, const __m512i* lim, float* st) {
+  constexpr int NL = NQV * L;
+  __m512 acc[RK][NQV];
+#pragma GCC unroll 4
+  for (int r = 0; r < RK; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NQV; ++v) acc[r][v] = _mm512_setzero_ps();
+  }
+  for (int32_t d = 0; d < head_dim; ++d) {
+    __m512 qv[NQV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NQV; ++v) qv[v] = _mm512_load_ps(qt + d * NL + v * L);
+#pragma GCC unroll 4
+    for (int r = 0; r < RK; ++r) {
+      const __m512 kb = _mm512_set1_ps(k[r * ks + d]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NQV; ++v) acc[r][v] = _mm512_fmadd_ps(kb, qv[v], acc[r][v]);
+    }
+  }
+  const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
+#pragma GCC unroll 4
+  for (int r = 0; r < RK; ++r) {
+    const __m512i key = _mm512_set1_epi32(key0 + r);
+#pragma GCC unroll 4
+    for (int v = 0; v < NQV; ++v) {
+      const __mmask16 seen = _mm512_cmpgt_epi32_mask(lim[v], key);
+      _mm512_store_ps(st + r * NL + v * L, _mm512_mask_blend_ps(seen, neg_inf, acc[r][v]));
+    }
+  }
+}
+
+// ot[d][lane] += sum_j V[j][d] * st[j][lane] for RD dims from d0, over n_block keys.
+template <int NQV, int RD>
+BP_TARGET_AVX512 void lane_pv(const float* st, int32_t n_block, const float* v, int64_t vs, float* ot) {
+  constexpr int NL = NQV * L;
+  __m512 acc[RD][NQV];
+#pragma GCC unroll 4
+  for (int r = 0; r < RD; ++r) {
+#pragma GCC unroll 4
+    for (int u = 0; u < NQV; ++u) acc[r][u] = _mm512_load_ps(ot + r * NL + u * L);
+  }
+  for (int32_t j = 0; j < n_block; ++j) {
+    __m512 p[NQV];
+#pragma GCC unroll 4
+    for (int u = 0; u < NQV; ++u) p[u] = _mm512_load_ps(st + j * NL + u * L);
+#pragma GCC unroll 4
+    for (int r = 0; r < RD; ++r) {
+      const __m512 vb = _mm512_set1_ps(v[j * vs + r]);
+#pragma GCC unroll 4
+      for (int u = 0; u < NQV; ++u) acc[r][u] = _mm512_fmadd_ps(vb, p[u], acc[r][u]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < RD; ++r) {
+#pragma GCC unroll 4
+    for (int u = 0; u < NQV; ++u) _mm512_store_ps(ot + r * NL + u * L, acc[r][u]);
+  }
+}
+
+template <int NQV>
+BP_TARGET_AVX512 void tile_lanes(const AttentionTile& t) {
+  constexpr int NL = NQV * L;
+  const int32_t hd = t.head_dim, n_q = t.n_rows * t.n_group;
+  alignas(64) float qt[MAX_HEAD_DIM * NL];  // [head_dim][NL] scaled queries, 0 in unused lanes
+  alignas(64) float ot[MAX_HEAD_DIM * NL];  // [head_dim][NL] output accumulators
+  alignas(64) float st[LANE_BLOCK * NL];    // [LANE_BLOCK][NL] scores, then probabilities
+  for (int32_t i = 0; i < NL; ++i) {
+    const float* q = t.q + (i / t.n_group) * t.ldq + static_cast<int64_t>(i % t.n_group) * hd;
+    for (int32_t d = 0; d < hd; ++d) qt[d * NL + i] = i < n_q ? q[d] * t.scale : 0.0f;
+  }
+  for (int32_t x = 0; x < hd * NL; x += L) _mm512_store_ps(ot + x, _mm512_setzero_ps());
+
+  // Keys each lane sees; unused lanes see as many as the last row (their values are not used).
+  __m512i lim[NQV];
+  __m512 m[NQV], l[NQV];
+  for (int u = 0; u < NQV; ++u) {
+    alignas(64) int32_t n_seen[L];
+    for (int32_t i = 0; i < L; ++i) {
+      const int32_t q = u * L + i < n_q ? u * L + i : n_q - 1;
+      n_seen[i] = static_cast<int32_t>(t.n_keys0 + q / t.n_group);
+    }
+    lim[u] = _mm512_load_si512(n_seen);
+    m[u] = _mm512_set1_ps(-INFINITY);
+    l[u] = _mm512_setzero_ps();
+  }
+
+  const int64_t n_keys = t.n_keys0 + t.n_rows - 1;  // keys the last row sees
+  int64_t key0 = 0;
+  for (int32_t src = 0; src < t.n_kv && key0 < n_keys; ++src) {
+    const KvRowsView& kv = t.kv[src];
+    const int64_t n_use = min_i64(kv.n, n_keys - key0);
+    for (int64_t j0 = 0; j0 < n_use; j0 += LANE_BLOCK) {
+      const int32_t n_block = static_cast<int32_t>(min_i64(LANE_BLOCK, n_use - j0));
+      const float* k = kv.k + j0 * t.kv_stride;
+      const int32_t key = static_cast<int32_t>(key0 + j0);
+      int32_t j = 0;
+      for (; j + 4 <= n_block; j += 4) lane_scores<NQV, 4>(qt, hd, k + j * t.kv_stride, t.kv_stride, key + j, lim, st + j * NL);
+      for (; j < n_block; ++j) lane_scores<NQV, 1>(qt, hd, k + j * t.kv_stride, t.kv_stride, key + j, lim, st + j * NL);
+
+      // Online softmax: every lane sees key 0, so m is finite after the first block.
+      for (int u = 0; u < NQV; ++u) {
+        __m512 m_block = _mm512_set1_ps(-INFINITY);
+        for (int32_t jj = 0; jj < n_block; ++jj) m_block = _mm512_max_ps(m_block, _mm512_load_ps(st + jj * NL + u * L));
+        const __m512 m_new = _mm512_max_ps(m[u], m_block);
+        const __m512 alpha = exp_ps(_mm512_sub_ps(m[u], m_new));
+        __m512 sum = _mm512_setzero_ps();
+        for (int32_t jj = 0; jj < n_block; ++jj) {
+          const __m512 p = exp_ps(_mm512_sub_ps(_mm512_load_ps(st + jj * NL + u * L), m_new));
+          _mm512_store_ps(st + jj * NL + u * L, p);
+          sum = _mm512_add_ps(sum, p);
+        }
+        l[u] = _mm512_fmadd_ps(l[u], alpha, sum);
+        m[u] = m_new;
+        for (int32_t d = 0; d < hd; ++d) {
+          float* o = ot + d * NL + u * L;
+          _mm512_store_ps(o, _mm512_mul_ps(_mm512_load_ps(o), alpha));
+        }
+      }
+
+      const float* v = kv.v + j0 * t.kv_stride;
+      int32_t d = 0;
+      for (; d + 4 <= hd; d += 4) lane_pv<NQV, 4>(st, n_block, v + d, t.kv_stride, ot + d * NL);
+      for (; d < hd; ++d) lane_pv<NQV, 1>(st, n_block, v + d, t.kv_stride, ot + d * NL);
+    }
+    key0 += kv.n;
+  }
+
+  alignas(64) float inv_l[NL];
+  for (int u = 0; u < NQV; ++u) _mm512_store_ps(inv_l + u * L, _mm512_div_ps(_mm512_set1_ps(1.0f), l[u]));
+  for (int32_t i = 0; i < n_q; ++i) {
+    float* out = t.out + (i / t.n_group) * t.ldo + static_cast<int64_t>(i % t.n_group) * hd;
+    for (int32_t d = 0; d < hd; ++d) out[d] = ot[d * NL + i] * inv_l[i];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dots shape: up to DOT_MAX_Q query vectors, NV vectors of 16 head dimensions each. Query vector i
+// reads columns col[i] .. col[i] + head_dim of the K/V rows (its key/value head); a tile over
+// several key/value heads reads each key row's heads together, contiguously.
+
+// o[i] += sum_j p[i][j] V[j][col[i] ...] over n_block keys, for NI query vectors.
+template <int NV, int NI>
+BP_TARGET_AVX512 void dot_pv(const float* p, const int64_t* col, int32_t n_block, const float* v, int64_t vs,
+                             __mmask16 last, float* o) {
+  constexpr int NP = NV * L;
+  __m512 acc[NI][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < NI; ++i) {
+#pragma GCC unroll 8
+    for (int u = 0; u < NV; ++u) acc[i][u] = _mm512_load_ps(o + i * NP + u * L);
+  }
+  for (int32_t j = 0; j < n_block; ++j) {
+    const float* vj = v + j * vs;
+#pragma GCC unroll 8
+    for (int i = 0; i < NI; ++i) {
+      const __m512 pb = _mm512_set1_ps(p[i * DOT_BLOCK + j]);
+#pragma GCC unroll 8
+      for (int u = 0; u < NV; ++u) {
+        const __m512 vv = u + 1 < NV ? _mm512_loadu_ps(vj + col[i] + u * L) : _mm512_maskz_loadu_ps(last, vj + col[i] + u * L);
+        acc[i][u] = _mm512_fmadd_ps(pb, vv, acc[i][u]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < NI; ++i) {
+#pragma GCC unroll 8
+    for (int u = 0; u < NV; ++u) _mm512_store_ps(o + i * NP + u * L, acc[i][u]);
+  }
+}
+
+// Prefetches columns [c0, c1) of the row ahead_floats after `row` (an address, which may lie past
+// the end of the rows: prefetches never fault).
+BP_TARGET_AVX512 inline void prefetch_row(const float* row, int64_t ahead_floats, int64_t c0, int64_t c1) {
+  const uintptr_t at = reinterpret_cast<uintptr_t>(row) + static_cast<uintptr_t>(ahead_floats + c0) * sizeof(float);
+  for (int64_t b = 0; b < (c1 - c0) * static_cast<int64_t>(sizeof(float)); b += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(at + static_cast<uintptr_t>(b)), _MM_HINT_T0);
+  }
+}
+
+template <int NV>
+BP_TARGET_AVX512 void tile_dots(const AttentionTile& t) {
+  constexpr int NP = NV * L;
+  constexpr int NI_MAX = 24 / NV < 8 ? 24 / NV : 8;  // query vectors per PV pass: NI * NV accumulators
+  const int32_t hd = t.head_dim, n_heads = t.n_kv_heads * t.n_group, n_q = t.n_rows * n_heads;
+  const __mmask16 last = head_mask(hd, NV - 1);
+  alignas(64) float qs[DOT_MAX_Q * NP];         // [n_q][NP] scaled queries, zero-padded
+  alignas(64) float o[DOT_MAX_Q * NP];          // [n_q][NP] output accumulators
+  alignas(64) float s[DOT_MAX_Q * DOT_BLOCK];   // [n_q][DOT_BLOCK] scores, then probabilities
+  float m[DOT_MAX_Q], l[DOT_MAX_Q];
+  int64_t n_seen[DOT_MAX_Q], col[DOT_MAX_Q];
+  for (int32_t i = 0; i < n_q; ++i) {
+    const int32_t head = i % n_heads;
+    const float* q = t.q + (i / n_heads) * t.ldq + static_cast<int64_t>(head) * hd;
+    for (int u = 0; u < NV; ++u) {
+      const __mmask16 mk = head_mask(hd, u);
+      _mm512_store_ps(qs + i * NP + u * L, _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, q + u * L), _mm512_set1_ps(t.scale)));
+      _mm512_store_ps(o + i * NP + u * L, _mm512_setzero_ps());
+    }
+    m[i] = -INFINITY;
+    l[i] = 0.0f;
+    n_seen[i] = t.n_keys0 + i / n_heads;
+    col[i] = static_cast<int64_t>(head / t.n_group) * hd;
+  }
+  const int64_t span = static_cast<int64_t>(t.n_kv_heads) * hd;  // columns of a row the tile reads
+  const int64_t ahead = DOT_PREFETCH_ROWS * t.kv_stride;
+
+  const int64_t n_keys = t.n_keys0 + t.n_rows - 1;
+  int64_t key0 = 0;
+  for (int32_t src = 0; src < t.n_kv && key0 < n_keys; ++src) {
+    const KvRowsView& kv = t.kv[src];
+    const int64_t n_use = min_i64(kv.n, n_keys - key0);
+    for (int64_t j0 = 0; j0 < n_use; j0 += DOT_BLOCK) {
+      const int32_t n_block = static_cast<int32_t>(min_i64(DOT_BLOCK, n_use - j0));
+      for (int32_t j = 0; j < n_block; ++j) {
+        const float* k = kv.k + (j0 + j) * t.kv_stride;
+        prefetch_row(k, ahead, 0, span);  // K, and V for the pass over values below
+        prefetch_row(kv.v + (j0 + j) * t.kv_stride, ahead, 0, span);
+        const int64_t key = key0 + j0 + j;
+        for (int32_t i = 0; i < n_q; ++i) {
+          const float* ki = k + col[i];
+          __m512 acc = _mm512_mul_ps(NV > 1 ? _mm512_loadu_ps(ki) : _mm512_maskz_loadu_ps(last, ki), _mm512_load_ps(qs + i * NP));
+#pragma GCC unroll 8
+          for (int u = 1; u < NV; ++u) {
+            const __m512 kk = u + 1 < NV ? _mm512_loadu_ps(ki + u * L) : _mm512_maskz_loadu_ps(last, ki + u * L);
+            acc = _mm512_fmadd_ps(kk, _mm512_load_ps(qs + i * NP + u * L), acc);
+          }
+          s[i * DOT_BLOCK + j] = key < n_seen[i] ? _mm512_reduce_add_ps(acc) : -INFINITY;
+        }
+      }
+      // Online softmax per query vector (every one sees key 0: m is finite after block 0).
+      for (int32_t i = 0; i < n_q; ++i) {
+        float* si = s + i * DOT_BLOCK;
+        __m512 mv = _mm512_set1_ps(-INFINITY);
+        int32_t j = 0;
+        for (; j + L <= n_block; j += L) mv = _mm512_max_ps(mv, _mm512_load_ps(si + j));
+        float m_new = _mm512_reduce_max_ps(mv);
+        for (; j < n_block; ++j) m_new = si[j] > m_new ? si[j] : m_new;
+        m_new = m[i] > m_new ? m[i] : m_new;
+        const __m512 mb = _mm512_set1_ps(m_new);
+        const __m512 alpha = exp_ps(_mm512_set1_ps(m[i] - m_new));
+        __m512 sum = _mm512_setzero_ps();
+        for (j = 0; j < n_block; j += L) {
+          const __mmask16 mk = n_block - j >= L ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n_block - j)) - 1);
+          const __m512 p = _mm512_maskz_mov_ps(mk, exp_ps(_mm512_sub_ps(_mm512_maskz_load_ps(mk, si + j), mb)));
+          _mm512_mask_store_ps(si + j, mk, p);
+          sum = _mm512_add_ps(sum, p);
+        }
+        l[i] = l[i] * _mm512_cvtss_f32(alpha) + _mm512_reduce_add_ps(sum);
+        m[i] = m_new;
+        for (int u = 0; u < NV; ++u) {
+          float* ou = o + i * NP + u * L;
+          _mm512_store_ps(ou, _mm512_mul_ps(_mm512_load_ps(ou), alpha));
+        }
+      }
+      // Values: the block's V rows, read for NI_MAX query vectors at a time.
+      const float* v = kv.v + j0 * t.kv_stride;
+      int32_t i = 0;
+      for (; i + NI_MAX <= n_q; i += NI_MAX) dot_pv<NV, NI_MAX>(s + i * DOT_BLOCK, col + i, n_block, v, t.kv_stride, last, o + i * NP);
+      for (; i + 2 <= n_q; i += 2) dot_pv<NV, 2>(s + i * DOT_BLOCK, col + i, n_block, v, t.kv_stride, last, o + i * NP);
+      for (; i < n_q; ++i) dot_pv<NV, 1>(s + i * DOT_BLOCK, col + i, n_block, v, t.kv_stride, last, o + i * NP);
+    }
+    key0 += kv.n;
+  }
+
+  for (int32_t i = 0; i < n_q; ++i) {
+    float* out = t.out + (i / n_heads) * t.ldo + static_cast<int64_t>(i % n_heads) * hd;
+    const __m512 inv_l = _mm512_set1_ps(1.0f / l[i]);
+    for (int u = 0; u < NV; ++u) {
+      _mm512_mask_storeu_ps(out + u * L, head_mask(hd, u), _mm512_mul_ps(_mm512_load_ps(o + i * NP + u * L), inv_l));
+    }
+  }
+}
+
+}  // namespace
+
+BP_TARGET_AVX512 void attention_tile_avx512(const AttentionTile& t) {
+  const int32_t n_q = t.n_rows * t.n_kv_heads * t.n_group;
+  if (t.head_dim > MAX_HEAD_DIM || n_q > 4 * L || (n_q > DOT_MAX_Q && t.n_kv_heads > 1)) {
+    attention_tile_portable(t);
+    return;
+  }
+  if (n_q >= DOT_MAX_Q && t.n_kv_heads == 1) {
+    switch ((n_q + L - 1) / L) {
+      case 1: tile_lanes<1>(t); return;
+      case 2: tile_lanes<2>(t); return;
+      case 3: tile_lanes<3>(t); return;
+      default: tile_lanes<4>(t); return;
+    }
+  }
+  switch ((t.head_dim + L - 1) / L) {
+    case 1: tile_dots<1>(t); return;
+    case 2: tile_dots<2>(t); return;
+    case 3: tile_dots<3>(t); return;
+    case 4: tile_dots<4>(t); return;
+    case 5: tile_dots<5>(t); return;
+    case 6: tile_dots<6>(t); return;
+    case 7: tile_dots<7>(t); return;
+    default: tile_dots<8>(t); return;
+  }
+}
+
+}  // namespace backprompt::detail
+
+#else  // not x86
+
+namespace backprompt::detail {
+void attention_tile_avx512(const AttentionTile& t) { attention_tile_portable(t); }
+}  // namespace backprompt::detail
+
+#endif

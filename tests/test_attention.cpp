@@ -1,0 +1,171 @@
+// attention_tile() on every instruction set against a double-precision softmax(q Kᵀ) V: chains of
+// key/value sources of ragged sizes (read in place, with strides), grouped-query heads, head
+// sizes that are not a multiple of the vector width, long contexts, and large scores.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "tensor/kernels.h"
+#include "tensor/kernels_simd.h"
+
+namespace bp = backprompt;
+
+namespace {
+
+std::vector<std::string> available_isas() {
+  std::vector<std::string> v = {"scalar"};
+  if (bp::detail::kernel_isa_avx2() != nullptr) v.push_back("avx2");
+  if (bp::detail::kernel_isa_avx512() != nullptr) v.push_back("avx512");
+  return v;
+}
+
+struct IsaRestore {
+  std::string saved = bp::kernels_isa();
+  ~IsaRestore() { bp::kernels_force_isa(saved); }
+};
+
+struct Case {
+  int32_t head_dim, n_group, n_rows;
+  int32_t n_kv_heads;         // key/value heads in the tile (of 4; the tile starts at head 1)
+  std::vector<int64_t> past;  // rows of each ancestor source
+  float q_scale;              // spread of the queries (large: peaked softmax)
+};
+
+// Runs one case on the current ISA; fails if any output is off by more than 2e-5 * max|v|.
+void check_case(const Case& c, uint32_t seed) {
+  const int32_t hd = c.head_dim, n_kv_head = 4, kv_head = 1;
+  const int64_t kv_dim = int64_t{n_kv_head} * hd + 3;  // row stride with a gap after the heads
+  const int64_t q_dim = int64_t{c.n_group} * n_kv_head * hd;
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+
+  std::vector<int64_t> sizes = c.past;
+  sizes.push_back(c.n_rows);  // the tile's own rows come last
+  std::vector<std::vector<float>> k(sizes.size()), v(sizes.size());  // [n][kv_dim] each
+  std::vector<bp::KvRowsView> kv;
+  int64_t n_past = 0;
+  for (size_t s = 0; s < sizes.size(); ++s) {
+    k[s].resize(static_cast<size_t>(std::max<int64_t>(1, sizes[s]) * kv_dim));
+    v[s].resize(k[s].size());
+    for (float& x : k[s]) x = normal(rng);
+    for (float& x : v[s]) x = normal(rng);
+    kv.push_back({k[s].data() + kv_head * hd, v[s].data() + kv_head * hd, sizes[s]});
+    if (s + 1 < sizes.size()) n_past += sizes[s];
+  }
+  std::vector<float> q(static_cast<size_t>(c.n_rows * q_dim));  // [n_rows][q_dim]
+  for (float& x : q) x = normal(rng) * c.q_scale;
+  const int64_t head0 = int64_t{kv_head} * c.n_group * hd;  // first query head of the tile
+  const int32_t n_heads = c.n_kv_heads * c.n_group;          // query heads in the tile
+
+  bp::AttentionTile t;
+  t.q = q.data() + head0;
+  std::vector<float> out(q.size() + 1, std::nanf(""));  // [n_rows][q_dim] + sentinel
+  out.back() = 12345.0f;
+  t.out = out.data() + head0;
+  t.ldq = t.ldo = q_dim;
+  t.n_rows = c.n_rows;
+  t.n_kv_heads = c.n_kv_heads;
+  t.n_group = c.n_group;
+  t.head_dim = hd;
+  t.scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  t.kv = kv.data();
+  t.n_kv = static_cast<int32_t>(kv.size());
+  t.kv_stride = kv_dim;
+  t.n_keys0 = n_past + 1;
+  bp::attention_tile(t);
+
+  const std::string what = std::string("isa=") + bp::kernels_isa() + " head_dim=" + std::to_string(hd) +
+                           " kv_heads=" + std::to_string(c.n_kv_heads) + " group=" + std::to_string(c.n_group) + " rows=" + std::to_string(c.n_rows) +
+                           " past=" + std::to_string(n_past);
+  for (int32_t r = 0; r < c.n_rows; ++r) {
+    for (int32_t h = 0; h < n_heads; ++h) {
+      const float* qv = q.data() + r * q_dim + head0 + int64_t{h} * hd;
+      const int64_t col = int64_t{h / c.n_group} * hd;  // its key/value head, from the tile's first
+      std::vector<double> score, o(static_cast<size_t>(hd), 0.0);
+      std::vector<const float*> vrow;
+      const int64_t n_seen = n_past + r + 1;
+      for (size_t s = 0; s < kv.size() && static_cast<int64_t>(score.size()) < n_seen; ++s) {
+        for (int64_t j = 0; j < kv[s].n && static_cast<int64_t>(score.size()) < n_seen; ++j) {
+          double d = 0;
+          for (int32_t x = 0; x < hd; ++x) d += static_cast<double>(qv[x]) * kv[s].k[j * kv_dim + col + x];
+          score.push_back(d * t.scale);
+          vrow.push_back(kv[s].v + j * kv_dim + col);
+        }
+      }
+      double m = -INFINITY, sum = 0;
+      for (double x : score) m = std::max(m, x);
+      for (size_t j = 0; j < score.size(); ++j) {
+        const double p = std::exp(score[j] - m);
+        sum += p;
+        for (int32_t x = 0; x < hd; ++x) o[static_cast<size_t>(x)] += p * vrow[j][x];
+      }
+      const float* got = out.data() + r * q_dim + head0 + int64_t{h} * hd;
+      for (int32_t x = 0; x < hd; ++x) {
+        ASSERT_NEAR(got[x], o[static_cast<size_t>(x)] / sum, 2e-5 * 4.0)  // |v| <~ 4 (normal)
+            << what << " row " << r << " head " << h << " dim " << x;
+      }
+    }
+  }
+  // Only the group's heads are written.
+  for (int32_t r = 0; r < c.n_rows; ++r) {
+    for (int64_t x = 0; x < q_dim; ++x) {
+      if (x >= head0 && x < head0 + int64_t{n_heads} * hd) continue;
+      ASSERT_TRUE(std::isnan(out[static_cast<size_t>(r * q_dim + x)])) << what << ": wrote outside the tile";
+    }
+  }
+  ASSERT_EQ(out.back(), 12345.0f) << what;
+}
+
+TEST(Attention, TileMatchesDoubleReference) {
+  IsaRestore restore;
+  const std::vector<Case> cases = {
+      {64, 1, 1, 1, {}, 1.0f},            // first token
+      {64, 1, 1, 1, {5, 130, 7}, 1.0f},   // decode over a chain
+      {64, 1, 64, 1, {}, 1.0f},           // prefill tile, no past
+      {64, 1, 37, 1, {70}, 1.0f},         // ragged prefill tile after a past
+      {64, 1, 16, 1, {1, 2, 3}, 1.0f},
+      {64, 8, 1, 1, {300}, 1.0f},         // grouped-query decode
+      {64, 8, 8, 1, {9, 65}, 1.0f},       // grouped-query prefill tile (64 query vectors)
+      {64, 4, 3, 1, {33}, 1.0f},          // 12 query vectors
+      {16, 2, 20, 1, {4}, 1.0f},          // small heads
+      {8, 1, 5, 1, {}, 1.0f},
+      {80, 1, 24, 1, {40}, 1.0f},         // head_dim not a multiple of 16
+      {80, 2, 3, 1, {17}, 1.0f},
+      {128, 1, 48, 1, {100}, 1.0f},
+      {128, 1, 2, 1, {63, 1}, 1.0f},
+      {160, 1, 20, 1, {10}, 1.0f},        // wider than the AVX-512 path: portable
+      {64, 1, 1, 3, {200}, 1.0f},         // decode over three key/value heads at once
+      {64, 2, 1, 3, {5, 70}, 1.0f},
+      {64, 8, 1, 2, {100}, 1.0f},         // grouped-query decode, two key/value heads: 16 queries
+      {64, 1, 3, 2, {40}, 1.0f},          // a short span over two heads
+      {80, 1, 2, 3, {33}, 1.0f},
+      {64, 4, 5, 3, {10}, 1.0f},          // 60 query vectors over three heads (portable)
+      {64, 1, 32, 1, {50}, 8.0f},         // peaked softmax (scores in the tens)
+      {64, 1, 1, 1, {50}, 8.0f},
+  };
+  uint32_t seed = 1;
+  for (const std::string& isa : {std::string("scalar"), available_isas().back()}) {
+    ASSERT_TRUE(bp::kernels_force_isa(isa));
+    for (const Case& c : cases) {
+      check_case(c, seed++);
+      if (::testing::Test::HasFatalFailure()) return;
+    }
+  }
+}
+
+TEST(Attention, LongContext) {
+  IsaRestore restore;
+  for (const std::string& isa : {std::string("scalar"), available_isas().back()}) {
+    ASSERT_TRUE(bp::kernels_force_isa(isa));
+    check_case({64, 1, 64, 1, {1500, 400}, 1.0f}, 100);
+    check_case({64, 1, 1, 1, {2047}, 1.0f}, 101);
+    check_case({64, 1, 1, 3, {2047}, 1.0f}, 103);
+    check_case({64, 8, 1, 1, {1200, 847}, 1.0f}, 102);
+    if (::testing::Test::HasFatalFailure()) return;
+  }
+}
+
+}  // namespace
