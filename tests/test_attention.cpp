@@ -1,15 +1,20 @@
 // attention_tile() on every instruction set against a double-precision softmax(q Kᵀ) V: chains of
 // key/value sources of ragged sizes (read in place, with strides), grouped-query heads, head
-// sizes that are not a multiple of the vector width, long contexts, and large scores.
+// sizes that are not a multiple of the vector width, long contexts, and large scores. And the
+// forward pass's thread teams: called from inside a caller's own parallel region, it gives the
+// same logits as alone.
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <cmath>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "model/runtime.h"
 #include "tensor/kernels.h"
 #include "tensor/kernels_simd.h"
+#include "test_util.h"
 
 namespace bp = backprompt;
 
@@ -165,6 +170,35 @@ TEST(Attention, LongContext) {
     check_case({64, 1, 1, 3, {2047}, 1.0f}, 103);
     check_case({64, 8, 1, 1, {1200, 847}, 1.0f}, 102);
     if (::testing::Test::HasFatalFailure()) return;
+  }
+}
+
+// The decode schedule (one parallel region per pass) and the prefill one (a region per step),
+// run by each thread of the caller's own team: same logits as from one thread alone.
+TEST(Attention, ForwardInsideCallersParallelRegion) {
+  for (bp::Arch arch : {bp::Arch::LLAMA, bp::Arch::GPT2}) {
+    const auto model = bp::Model::load(bp::testing::generated_model(arch, bp::DType::F32));
+    const int32_t V = model->config().n_vocab;
+    std::vector<int32_t> tokens(48);
+    for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<int32_t>((i * 37 + 5) % static_cast<size_t>(V));
+    auto run = [&] {  // a 40-row prefill, then 8 one-row steps: [8][V] logits of the steps
+      bp::Sequence seq(*model);
+      seq.append(std::span<const int32_t>(tokens.data(), 40), bp::LogitsMode::LAST);
+      std::vector<float> out;
+      for (size_t i = 40; i < tokens.size(); ++i) {
+        const std::vector<float> l = seq.append(std::span<const int32_t>(&tokens[i], 1));
+        out.insert(out.end(), l.begin(), l.end());
+      }
+      return out;
+    };
+    const std::vector<float> alone = run();
+    std::vector<std::vector<float>> got(2);
+#pragma omp parallel num_threads(2)
+    got[static_cast<size_t>(omp_get_thread_num())] = run();
+    for (const std::vector<float>& g : got) {
+      ASSERT_EQ(g.size(), alone.size());
+      for (size_t i = 0; i < g.size(); ++i) ASSERT_NEAR(g[i], alone[i], 1e-4 * std::max(1.0f, std::abs(alone[i]))) << bp::arch_name(arch) << " at " << i;
+    }
   }
 }
 

@@ -8,6 +8,7 @@
 
 #include "backprompt/error.h"
 #include "model/batch.h"
+#include "model/ops.h"
 #include "tensor/kernels.h"
 
 namespace backprompt::detail {
@@ -42,19 +43,27 @@ static int64_t out_stride(const ForwardSpan& sp, int64_t kv_dim) {
   return sp.out_layer_stride ? sp.out_layer_stride : static_cast<int64_t>(sp.tokens.size()) * kv_dim;
 }
 
-// Inside a parallel region, every thread of the team must call store_kv and attention: they
-// share the work (orphaned worksharing loops) and return together (their implicit barriers).
-// Outside one, attention opens its own region when the work is large enough.
-void store_kv(const Batch& b, int32_t layer, const float* k, const float* v) {
+// Copies span s's new K and V rows of this layer into its k_out / v_out.
+static void store_span(const Batch& b, int32_t layer, const float* k, const float* v, int64_t s) {
   const int64_t kv_dim = b.cfg.kv_dim();
+  const ForwardSpan& sp = b.spans[static_cast<size_t>(s)];
+  const int64_t n = b.row0[s + 1] - b.row0[s];
+  const int64_t off = layer * out_stride(sp, kv_dim);
+  std::memcpy(sp.k_out + off, k + b.row0[s] * kv_dim, static_cast<size_t>(n * kv_dim) * sizeof(float));
+  std::memcpy(sp.v_out + off, v + b.row0[s] * kv_dim, static_cast<size_t>(n * kv_dim) * sizeof(float));
+}
+
+// In a team pass (ops::TeamPass: the whole forward pass in one parallel region), every thread
+// of the team calls store_kv and attention: they share the work (orphaned worksharing loops) and
+// return together (their implicit barriers). Otherwise store_kv runs on the calling thread and
+// attention opens its own parallel region when the work is large enough.
+void store_kv(const Batch& b, int32_t layer, const float* k, const float* v) {
   const int64_t n_spans = static_cast<int64_t>(b.spans.size());
+  if (ops::TeamPass::active()) {
 #pragma omp for schedule(static)
-  for (int64_t s = 0; s < n_spans; ++s) {
-    const ForwardSpan& sp = b.spans[static_cast<size_t>(s)];
-    const int64_t n = b.row0[s + 1] - b.row0[s];
-    const int64_t off = layer * out_stride(sp, kv_dim);
-    std::memcpy(sp.k_out + off, k + b.row0[s] * kv_dim, static_cast<size_t>(n * kv_dim) * sizeof(float));
-    std::memcpy(sp.v_out + off, v + b.row0[s] * kv_dim, static_cast<size_t>(n * kv_dim) * sizeof(float));
+    for (int64_t s = 0; s < n_spans; ++s) store_span(b, layer, k, v, s);
+  } else {
+    for (int64_t s = 0; s < n_spans; ++s) store_span(b, layer, k, v, s);
   }
 }
 
@@ -135,7 +144,7 @@ void attention(const Batch& b, int32_t layer, const float* q, float* out) {
   std::vector<TileItem> items;
   int64_t total_cost = 0;
   const int64_t rows_per_tile = std::max<int64_t>(1, TILE_QUERIES / group);
-  const int64_t n_threads = omp_in_parallel() ? omp_get_num_threads() : omp_get_max_threads();
+  const int64_t n_threads = ops::TeamPass::active() ? omp_get_num_threads() : omp_get_max_threads();
   for (size_t s = 0; s < b.spans.size(); ++s) {
     const ForwardSpan& sp = b.spans[s];
     for (const KvSpanView& p : sp.past) {
@@ -171,7 +180,7 @@ void attention(const Batch& b, int32_t layer, const float* q, float* out) {
   std::stable_sort(items.begin(), items.end(), [](const TileItem& x, const TileItem& y) { return x.cost > y.cost; });
 
   const TileShape shape{q_dim, kv_dim, hd, group, scale};
-  if (omp_in_parallel()) {
+  if (ops::TeamPass::active()) {
     run_tiles(items, sources, shape, q, out);  // every thread of the team computed the same items
   } else {
 #pragma omp parallel if (total_cost >= PARALLEL_MIN_MACS && items.size() > 1)

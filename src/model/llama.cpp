@@ -9,7 +9,7 @@
 //     barrier about half; measured on the 2-core dev machine).
 #include <omp.h>
 
-#include <memory>
+#include <iterator>
 
 #include "model/arch.h"
 #include "model/ops.h"
@@ -18,51 +18,59 @@ namespace backprompt::detail {
 
 namespace {
 
-// An uninitialised f32 buffer (every element is written before it is read).
-std::unique_ptr<float[]> buffer(int64_t n) { return std::unique_ptr<float[]>(new float[static_cast<size_t>(n)]); }
-
 // Below this many multiply-adds per layer, the decode schedule runs on one thread.
 constexpr int64_t PARALLEL_MIN_LAYER_MACS = 1 << 18;
 
-// Buffers of one pass, shared by the threads.
+// Buffers of one pass, shared by the threads: cut from the calling thread's scratch slot 0
+// (uninitialised; every element is written before it is read), each 64-byte aligned.
 struct Activations {
-  Activations(const ModelConfig& c, int64_t n)
-      : q(buffer(n * c.n_embd)), k(buffer(n * c.kv_dim())), v(buffer(n * c.kv_dim())), att(buffer(n * c.n_embd)),
-        gate(buffer(n * c.n_ff)), up(buffer(n * c.n_ff)), rot(buffer(n * (c.rope_dim / 2) * 2)) {}
-  std::unique_ptr<float[]> q;     // [n][n_head][head_dim]
-  std::unique_ptr<float[]> k;     // [n][n_kv_head][head_dim]
-  std::unique_ptr<float[]> v;     // [n][n_kv_head][head_dim]
-  std::unique_ptr<float[]> att;   // [n][n_embd] attention output
-  std::unique_ptr<float[]> gate;  // [n][n_ff]
-  std::unique_ptr<float[]> up;    // [n][n_ff]
-  std::unique_ptr<float[]> rot;   // [n][rope_dim / 2][cos, sin]
+  Activations(const ModelConfig& c, int64_t n) {
+    const int64_t d = c.n_embd, kv = c.kv_dim(), ff = c.n_ff, rot_n = c.rope_dim / 2 * 2;
+    float** parts[] = {&q, &k, &v, &att, &gate, &up, &rot, &h};
+    const int64_t sizes[] = {n * d, n * kv, n * kv, n * d, n * ff, n * ff, n * rot_n, n * d};
+    int64_t total = 0;
+    for (int64_t size : sizes) total += (size + 15) / 16 * 16;
+    float* p = ops::thread_scratch(0, static_cast<size_t>(total));
+    for (size_t i = 0; i < std::size(parts); ++i) {
+      *parts[i] = p;
+      p += (sizes[i] + 15) / 16 * 16;
+    }
+  }
+  float* q;     // [n][n_head][head_dim]
+  float* k;     // [n][n_kv_head][head_dim]
+  float* v;     // [n][n_kv_head][head_dim]
+  float* att;   // [n][n_embd] attention output
+  float* gate;  // [n][n_ff]
+  float* up;    // [n][n_ff]
+  float* rot;   // [n][rope_dim / 2][cos, sin]
+  float* h;     // [n][n_embd] normalized input, then block outputs (step schedule)
 };
 
 void hidden_steps(const ModelImpl& m, const Batch& b, float* x, Activations& a) {
   const ModelConfig& c = m.config;
   const int64_t n = b.n_rows, d = c.n_embd, ff = c.n_ff, kv = c.kv_dim(), n_pairs = c.rope_dim / 2;
-  const auto h = buffer(n * d);  // [n][d] normalized input, then block outputs
+  float* h = a.h;
   for (int32_t il = 0; il < c.n_layer; ++il) {
     const LayerWeights& L = m.layers[static_cast<size_t>(il)];
-    ops::rms_norm(x, h.get(), n, d, L.attn_norm_w.data(), c.norm_eps);
-    const MatmulTarget qkv[] = {{L.attn_q, a.q.get()}, {L.attn_k, a.k.get()}, {L.attn_v, a.v.get()}};
-    matmul_many(qkv, h.get(), n);
+    ops::rms_norm(x, h, n, d, L.attn_norm_w.data(), c.norm_eps);
+    const MatmulTarget qkv[] = {{L.attn_q, a.q}, {L.attn_k, a.k}, {L.attn_v, a.v}};
+    matmul_many(qkv, h, n);
 #pragma omp parallel for if (n >= 16)
     for (int64_t r = 0; r < n; ++r) {
-      ops::rope(a.q.get() + r * d, c.n_head, c.head_dim, c.rope_dim, a.rot.get() + r * n_pairs * 2);
-      ops::rope(a.k.get() + r * kv, c.n_kv_head, c.head_dim, c.rope_dim, a.rot.get() + r * n_pairs * 2);
+      ops::rope(a.q + r * d, c.n_head, c.head_dim, c.rope_dim, a.rot + r * n_pairs * 2);
+      ops::rope(a.k + r * kv, c.n_kv_head, c.head_dim, c.rope_dim, a.rot + r * n_pairs * 2);
     }
-    store_kv(b, il, a.k.get(), a.v.get());
-    attention(b, il, a.q.get(), a.att.get());
-    matmul(L.attn_out, a.att.get(), n, h.get());
-    ops::add(x, h.get(), n * d);
+    store_kv(b, il, a.k, a.v);
+    attention(b, il, a.q, a.att);
+    matmul(L.attn_out, a.att, n, h);
+    ops::add(x, h, n * d);
 
-    ops::rms_norm(x, h.get(), n, d, L.ffn_norm_w.data(), c.norm_eps);
-    const MatmulTarget gate_up[] = {{L.ffn_gate, a.gate.get()}, {L.ffn_up, a.up.get()}};
-    matmul_many(gate_up, h.get(), n);
-    ops::swiglu(a.gate.get(), a.up.get(), n * ff);
-    matmul(L.ffn_down, a.gate.get(), n, h.get());
-    ops::add(x, h.get(), n * d);
+    ops::rms_norm(x, h, n, d, L.ffn_norm_w.data(), c.norm_eps);
+    const MatmulTarget gate_up[] = {{L.ffn_gate, a.gate}, {L.ffn_up, a.up}};
+    matmul_many(gate_up, h, n);
+    ops::swiglu(a.gate, a.up, n * ff);
+    matmul(L.ffn_down, a.gate, n, h);
+    ops::add(x, h, n * d);
   }
 }
 
@@ -79,37 +87,38 @@ void hidden_team(const ModelImpl& m, const Batch& b, float* x, Activations& a) {
   const int64_t layer_macs = n * (2 * d * d + 2 * d * kv + 3 * d * ff);
 #pragma omp parallel if (layer_macs >= PARALLEL_MIN_LAYER_MACS)
   {
+    const ops::TeamPass team;  // store_kv and attention below are shared by the team
     const int t = omp_get_thread_num(), n_threads = omp_get_num_threads();
-    const auto h = buffer(n * d);  // [n][d] this thread's copy of the normalized input
-    const auto y = buffer(n * d);  // [n][d] this thread's share of a block output
+    float* h = ops::thread_scratch(1, static_cast<size_t>(2 * n * d));  // [n][d] this thread's normalized input
+    float* y = h + n * d;                                               // [n][d] its share of a block output
     RowRange rows[3];
     for (int32_t il = 0; il < c.n_layer; ++il) {
       const LayerWeights& L = m.layers[static_cast<size_t>(il)];
       // x is complete here (after a barrier): every thread normalizes it for itself.
-      ops::rms_norm(x, h.get(), n, d, L.attn_norm_w.data(), c.norm_eps);
-      const MatmulTarget qkv[] = {{L.attn_q, a.q.get()}, {L.attn_k, a.k.get()}, {L.attn_v, a.v.get()}};
-      matmul_many_part(qkv, h.get(), n, t, n_threads, rows);
+      ops::rms_norm(x, h, n, d, L.attn_norm_w.data(), c.norm_eps);
+      const MatmulTarget qkv[] = {{L.attn_q, a.q}, {L.attn_k, a.k}, {L.attn_v, a.v}};
+      matmul_many_part(qkv, h, n, t, n_threads, rows);
       for (int64_t r = 0; r < n; ++r) {  // rotate this thread's q and k columns (even boundaries)
-        ops::rope_range(a.q.get() + r * d, rows[0].r0, rows[0].r1, c.head_dim, c.rope_dim, a.rot.get() + r * n_pairs * 2);
-        ops::rope_range(a.k.get() + r * kv, rows[1].r0, rows[1].r1, c.head_dim, c.rope_dim, a.rot.get() + r * n_pairs * 2);
+        ops::rope_range(a.q + r * d, rows[0].r0, rows[0].r1, c.head_dim, c.rope_dim, a.rot + r * n_pairs * 2);
+        ops::rope_range(a.k + r * kv, rows[1].r0, rows[1].r1, c.head_dim, c.rope_dim, a.rot + r * n_pairs * 2);
       }
 #pragma omp barrier
-      store_kv(b, il, a.k.get(), a.v.get());           // shared by the team, then a barrier
-      attention(b, il, a.q.get(), a.att.get());        // shared by the team, then a barrier
-      const MatmulTarget out[] = {{L.attn_out, y.get()}};
-      matmul_many_part(out, a.att.get(), n, t, n_threads, rows);
-      add_columns(x, y.get(), n, d, rows[0]);
+      store_kv(b, il, a.k, a.v);     // shared by the team, then a barrier
+      attention(b, il, a.q, a.att);  // shared by the team, then a barrier
+      const MatmulTarget out[] = {{L.attn_out, y}};
+      matmul_many_part(out, a.att, n, t, n_threads, rows);
+      add_columns(x, y, n, d, rows[0]);
 #pragma omp barrier
 
-      ops::rms_norm(x, h.get(), n, d, L.ffn_norm_w.data(), c.norm_eps);
-      const MatmulTarget gate[] = {{L.ffn_gate, a.gate.get()}}, up[] = {{L.ffn_up, a.up.get()}};
-      matmul_many_part(gate, h.get(), n, t, n_threads, rows);
-      matmul_many_part(up, h.get(), n, t, n_threads, rows + 1);  // the same rows as gate's
-      for (int64_t r = 0; r < n; ++r) silu_mul(a.gate.get() + r * ff + rows[0].r0, a.up.get() + r * ff + rows[0].r0, rows[0].r1 - rows[0].r0);
+      ops::rms_norm(x, h, n, d, L.ffn_norm_w.data(), c.norm_eps);
+      const MatmulTarget gate[] = {{L.ffn_gate, a.gate}}, up[] = {{L.ffn_up, a.up}};
+      matmul_many_part(gate, h, n, t, n_threads, rows);
+      matmul_many_part(up, h, n, t, n_threads, rows + 1);  // the same rows as gate's
+      for (int64_t r = 0; r < n; ++r) silu_mul(a.gate + r * ff + rows[0].r0, a.up + r * ff + rows[0].r0, rows[0].r1 - rows[0].r0);
 #pragma omp barrier
-      const MatmulTarget down[] = {{L.ffn_down, y.get()}};
-      matmul_many_part(down, a.gate.get(), n, t, n_threads, rows);
-      add_columns(x, y.get(), n, d, rows[0]);
+      const MatmulTarget down[] = {{L.ffn_down, y}};
+      matmul_many_part(down, a.gate, n, t, n_threads, rows);
+      add_columns(x, y, n, d, rows[0]);
 #pragma omp barrier
     }
   }
@@ -122,7 +131,7 @@ void llama_hidden(const ModelImpl& m, const Batch& b, float* x) {
   const int64_t n = b.n_rows, d = c.n_embd;
   for (int64_t r = 0; r < n; ++r) matrix_get_row(m.token_embd, b.tokens[static_cast<size_t>(r)], x + r * d);
   Activations a(c, n);
-  ops::rope_angles(b.pos.data(), n, c.rope_dim, c.rope_base, a.rot.get());
+  ops::rope_angles(b.pos.data(), n, c.rope_dim, c.rope_base, a.rot);
   if (n <= MATMUL_FUSED_MAX_N) {
     hidden_team(m, b, x, a);
   } else {

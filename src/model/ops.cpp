@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <vector>
 
 #include "tensor/kernels.h"
@@ -106,5 +107,29 @@ void rope_range(float* x, int64_t e0, int64_t e1, int32_t head_dim, int32_t rope
     x[e + 1] = a * s + b * c;
   }
 }
+
+float* thread_scratch(int slot, size_t n) {
+  struct Buffer {
+    std::unique_ptr<float[]> data;  // [capacity + 16]: room to align to 64 bytes
+    size_t capacity = 0;
+  };
+  thread_local Buffer buffers[SCRATCH_SLOTS];
+  Buffer& b = buffers[slot];
+  if (n > b.capacity) {
+    b.data.reset();  // free the old one first
+    b.data.reset(new float[n + 16]);
+    b.capacity = n;
+  }
+  const uintptr_t at = (reinterpret_cast<uintptr_t>(b.data.get()) + 63) & ~uintptr_t{63};
+  return reinterpret_cast<float*>(at);
+}
+
+namespace {
+thread_local bool in_team_pass = false;
+}  // namespace
+
+TeamPass::TeamPass() : saved_(in_team_pass) { in_team_pass = true; }
+TeamPass::~TeamPass() { in_team_pass = saved_; }
+bool TeamPass::active() { return in_team_pass; }
 
 }  // namespace backprompt::ops
