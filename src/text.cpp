@@ -7,6 +7,7 @@
 
 #include "backprompt/error.h"
 #include "cache/cache_impl.h"
+#include "model/reserved_buffer.h"
 #include "model/sampler.h"
 
 namespace backprompt {
@@ -114,7 +115,8 @@ Text Text::generate(int32_t n, const SamplingParams& sampling, const std::functi
 
   std::vector<int32_t> gen;          // [n_gen]
   std::vector<float> gen_logprobs;   // [n_gen] log p(gen[t] | before)
-  std::vector<float> k(static_cast<size_t>(cfg.n_layer) * n * kv), v(k.size());  // [n_layer][n][kv_dim]
+  // [n_layer][n][kv_dim] each; committed as the tokens are generated (generation may stop early)
+  detail::ReservedFloats k(static_cast<size_t>(cfg.n_layer) * n * kv), v(k.size());
   std::vector<float> logits;
   {
     HeldPath held(c, req);

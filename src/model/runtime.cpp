@@ -60,30 +60,18 @@ void forward(const Model& model, std::span<const ForwardSpan> batch) {
 
 Sequence::Sequence(const Model& model) : model_(model) {}
 
-void Sequence::reserve(int32_t n_needed) {
-  if (n_needed <= capacity_) return;
-  const ModelConfig& c = model_.config();
-  const int32_t cap = std::min(c.n_ctx, std::max({n_needed, 2 * capacity_, 64}));
-  const int64_t kv = c.kv_dim();
-  std::vector<float> k(static_cast<size_t>(c.n_layer) * cap * kv), v(k.size());
-  for (int32_t l = 0; l < c.n_layer; ++l) {
-    const size_t used = static_cast<size_t>(n_tokens()) * kv;
-    std::copy_n(k_.begin() + l * capacity_ * kv, used, k.begin() + l * cap * kv);
-    std::copy_n(v_.begin() + l * capacity_ * kv, used, v.begin() + l * cap * kv);
-  }
-  k_.swap(k);
-  v_.swap(v);
-  capacity_ = cap;
-}
-
 std::vector<float> Sequence::append(std::span<const int32_t> tokens, LogitsMode logits) {
   const ModelConfig& c = model_.config();
   const int32_t n_past = n_tokens();
   if (n_past + static_cast<int64_t>(tokens.size()) > c.n_ctx)
     throw Error(ErrorCode::INVALID_ARGUMENT, "sequence of " + std::to_string(n_past + tokens.size()) +
                                                  " tokens exceeds the model's context length " + std::to_string(c.n_ctx));
-  reserve(n_past + static_cast<int32_t>(tokens.size()));
-  const int64_t stride = static_cast<int64_t>(capacity_) * c.kv_dim();
+  if (k_.size() == 0) {
+    const size_t n = static_cast<size_t>(c.n_layer) * static_cast<size_t>(c.n_ctx) * static_cast<size_t>(c.kv_dim());
+    k_ = detail::ReservedFloats(n);
+    v_ = detail::ReservedFloats(n);
+  }
+  const int64_t stride = static_cast<int64_t>(c.n_ctx) * c.kv_dim();
   const KvSpanView past{k_.data(), v_.data(), n_past, stride};
   std::vector<float> out;
   if (logits == LogitsMode::LAST) out.resize(static_cast<size_t>(c.n_vocab));

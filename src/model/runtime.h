@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "backprompt/model.h"
+#include "model/reserved_buffer.h"
 
 namespace backprompt {
 
@@ -52,11 +53,11 @@ class Sequence {
   const std::vector<int32_t>& tokens() const { return tokens_; }
 
  private:
-  void reserve(int32_t n_needed);  // grows capacity (doubling, at most n_ctx), keeping K/V
   const Model& model_;
   std::vector<int32_t> tokens_;
-  int32_t capacity_ = 0;
-  std::vector<float> k_, v_;  // [n_layer][capacity_][kv_dim], filled up to n_tokens()
+  // [n_layer][n_ctx][kv_dim] each, filled up to n_tokens(): reserved for the whole context on
+  // the first append, committed page by page as tokens arrive, never moved.
+  detail::ReservedFloats k_, v_;
 };
 
 }  // namespace backprompt
