@@ -1,14 +1,15 @@
-// bench_precision: how far MatmulPrecision::BF16 (bf16 activations x bf16 weights in prefill
-// GEMMs) moves logits from the exact f32 arithmetic, on one model.
+// bench_precision: how far MatmulPrecision::BF16 (prefill GEMMs in bf16: activations and, unless
+// they are bf16 already, weights rounded to bf16) moves logits from the exact f32 arithmetic, on
+// one model and its own weights (f32, f16, bf16 or q8_0).
 //
-//   bench_precision MODEL [-n TOKENS] [--text FILE]
+//   bench_precision MODEL [-n TOKENS] [--text FILE] [--bf16-weights]
 //
-// MODEL with f32/f16 matrices is first converted to a bf16 copy (next to the system's temp
-// directory), so that a trained model (e.g. stories260K) can be measured: both runs then use the
-// same bf16 weights and differ only in the arithmetic. The prompt is the text (tokenized) or
-// random tokens; all positions' logits are compared. Prints, over all positions: max |diff|,
-// max |logit|, their ratio (the runtime tests allow 1e-4), mean |diff|, and how often the argmax
-// (greedy next token) agrees.
+// --bf16-weights first converts the model's 2-D f32/f16 tensors to a bf16 copy (in the system's
+// temp directory) and measures that, so that both runs use the same bf16 weights and differ only
+// in the activations' rounding. The prompt is the text (tokenized) or random tokens; all
+// positions' logits are compared. Prints, over all positions: max |diff|, max |logit|, their
+// ratio (the runtime tests allow 1e-4), mean |diff|, and how often the argmax (greedy next
+// token) agrees.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -71,15 +72,24 @@ std::vector<float> all_logits(const bp::Model& m, const std::vector<int32_t>& to
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    std::fprintf(stderr, "usage: bench_precision MODEL [-n TOKENS] [--text FILE]\n");
+    std::fprintf(stderr, "usage: bench_precision MODEL [-n TOKENS] [--text FILE] [--bf16-weights]\n");
     return 2;
   }
   std::string path = argv[1], text_path;
   int n_tokens = 256;
-  for (int i = 2; i + 1 < argc; i += 2) {
+  bool bf16_weights = false;
+  for (int i = 2; i < argc; ++i) {
     const std::string a = argv[i];
-    if (a == "-n") n_tokens = std::atoi(argv[i + 1]);
-    else if (a == "--text") text_path = argv[i + 1];
+    if (a == "-n" && i + 1 < argc) {
+      n_tokens = std::atoi(argv[++i]);
+    } else if (a == "--text" && i + 1 < argc) {
+      text_path = argv[++i];
+    } else if (a == "--bf16-weights") {
+      bf16_weights = true;
+    } else {
+      std::fprintf(stderr, "bench_precision: unknown or incomplete argument %s\n", a.c_str());
+      return 2;
+    }
   }
   try {
     if (!bp::kernels_bf16_native()) {
@@ -87,7 +97,7 @@ int main(int argc, char** argv) {
       return 0;
     }
     std::shared_ptr<bp::Model> model = bp::Model::load(path);
-    if (model->weight_type_name() != "bf16") {
+    if (bf16_weights && model->weight_type_name() != "bf16") {
       path = bf16_copy(path);
       model = bp::Model::load(path);
     }
@@ -121,8 +131,9 @@ int main(int argc, char** argv) {
       }
       same_argmax += a == b;
     }
-    std::printf("model: %s (bf16 weights), %lld positions x %lld vocab, %s prompt\n", path.c_str(),
-                static_cast<long long>(n), static_cast<long long>(V), text_path.empty() ? "random" : "text");
+    std::printf("model: %s (%s weights), %lld positions x %lld vocab, %s prompt\n", path.c_str(),
+                model->weight_type_name().c_str(), static_cast<long long>(n), static_cast<long long>(V),
+                text_path.empty() ? "random" : "text");
     std::printf("bf16 arithmetic vs exact: max |diff| %.3g, max |logit| %.3g, ratio %.3g (tests allow 1e-4); "
                 "mean |diff| %.3g; same argmax at %lld/%lld positions\n",
                 max_diff, max_ref, max_diff / std::max(1.0, max_ref), sum_diff / static_cast<double>(n * V),

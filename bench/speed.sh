@@ -20,10 +20,12 @@
 #   tg128     decode: 128 tokens one at a time after a 512-token prompt
 #   pp/peak   useful prefill FLOP/s (2 x weight-matrix elements + causal attention, per token)
 #             over the peak GEMM throughput of the arithmetic used (f32 sgemm; bf16 GEMM for the
-#             "bf16*" row, which runs with BACKPROMPT_MATMUL=bf16: bf16 activations, not exact)
+#             starred rows "f16*", "bf16*", "q8_0*", which run the same model with
+#             BACKPROMPT_MATMUL=bf16: activations and weights rounded to bf16, not exact)
 #   tg/bw     bytes a decode step must read (every weight matrix except the embedding table, plus
 #             the f32 K/V of the 576 positions attended to on average) x tg128 / read bandwidth
-#   llama.cpp the issue's figures for the same shapes (February 2025 build, 2 threads, AVX-512 EPYC)
+#   llama.cpp the issue's figures for the same shapes (February 2025 build, 2 threads, AVX-512 EPYC);
+#             starred rows against the same type's, bf16 against f16's (the issue has no bf16 figures)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -67,7 +69,7 @@ for preset in $only; do
   for dt in $dtypes; do
     f=$(model_file "$preset" "$dt")
     runs+=("$preset $dt $dt $f -")
-    [ "$dt" = bf16 ] && runs+=("$preset $dt bf16* $f BACKPROMPT_MATMUL=bf16")
+    case $dt in f16 | bf16 | q8_0) runs+=("$preset $dt $dt* $f BACKPROMPT_MATMUL=bf16") ;; esac
   done
 done
 
@@ -191,9 +193,10 @@ for line in open(sys.argv[2]):
     flop_per_token = 2.0 * mat_elems + 4.0 * 256.5 * n_embd * n_layer
     # Decode after 512 tokens: 128 steps attending to 512 .. 639 positions (576 on average).
     read_bytes += 2 * n_layer * 576.0 * kv_dim * 4
-    peak = limits.get("gemm_bf16" if label == "bf16*" else "gemm_f32")
+    peak = limits.get("gemm_bf16" if label.endswith("*") else "gemm_f32")
     bw = limits.get("bandwidth")
-    ref = LLAMA_CPP.get((preset, label))
+    base = label.rstrip("*")
+    ref = LLAMA_CPP.get((preset, "f16" if base == "bf16" else base))
     rows.append([
         preset, label,
         f"{pp:.1f} ± {pp_sd:.1f}" if pp else "-",
@@ -212,6 +215,7 @@ for r in rows:
     print("  ".join(str(c).ljust(w) for c, w in zip(r, width)))
 print(f"limits: f32 GEMM {limits.get('gemm_f32', 0):.0f} GFLOP/s, bf16 GEMM {limits.get('gemm_bf16', 0):.0f} GFLOP/s, "
       f"int8 GEMM {limits.get('gemm_s8', 0):.0f} GOP/s, read bandwidth {limits.get('bandwidth', 0):.1f} GB/s (all threads)")
-print("bf16*: bf16 weights with BACKPROMPT_MATMUL=bf16 (activations rounded to bf16 in prefill GEMMs; not exact)")
+print("f16*, bf16*, q8_0*: BACKPROMPT_MATMUL=bf16 (activations and weights rounded to bf16 in prefill GEMMs; not exact); "
+      "bf16 rows are compared with llama.cpp's f16 figures")
 EOF
 echo "(logs in $out/speed-*.txt; on a shared machine figures are noisy: compare runs made under the same load)"

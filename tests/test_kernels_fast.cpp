@@ -1,6 +1,6 @@
 // The speed-oriented kernel entry points against the plain ones: matmul_many against one matmul
 // per target, the SIMD activation functions against the portable ones, and the optional bf16
-// arithmetic (MatmulPrecision::BF16) against exact f32 within bf16's rounding.
+// arithmetic (MatmulPrecision::BF16, every weight type) against exact f32 within bf16's rounding.
 #include <gtest/gtest.h>
 #include <omp.h>
 
@@ -79,35 +79,124 @@ TEST(KernelsFast, ActivationsMatchPortable) {
   EXPECT_EQ(bp::kernels_isa(), saved);
 }
 
+// Sets MatmulPrecision::BF16 for its lifetime (and restores EXACT), so that a failed assertion
+// cannot leave it set for the tests that follow.
+struct Bf16Precision {
+  Bf16Precision() { bp::kernels_set_matmul_precision(bp::MatmulPrecision::BF16); }
+  ~Bf16Precision() { bp::kernels_set_matmul_precision(bp::MatmulPrecision::EXACT); }
+};
+
+// Asserts |got - exact| <= bound for every element of y[n][w.n_out], where bound is what rounding
+// the activations (and, unless the weights are bf16, the weights) to bf16 allows: each factor is
+// off by at most 2^-9 relative, so each product by at most 2^-9 (2^-8 + 2^-18 for both), and the
+// sum by that much of sum |w x|; plus a little for f32 summation in a different order.
+void expect_within_bf16_rounding(const bp::MatrixView& w, const std::vector<float>& x, int64_t n,
+                                 const std::vector<float>& got, const std::vector<float>& exact, const std::string& what) {
+  const double rel = w.type == DType::BF16 ? 1.0 / 512 : 1.0 / 256 + 1.0 / 262144;
+  std::vector<float> wd(static_cast<size_t>(w.n_in));  // [n_in] one weight row as f32
+  for (int64_t c = 0; c < w.n_out; ++c) {
+    bp::dequantize_row(w.type, w.row(c), wd.data(), w.n_in);
+    for (int64_t r = 0; r < n; ++r) {
+      double sum_abs = 0;
+      for (int64_t k = 0; k < w.n_in; ++k) sum_abs += std::abs(static_cast<double>(wd[static_cast<size_t>(k)]) * x[static_cast<size_t>(r * w.n_in + k)]);
+      const size_t i = static_cast<size_t>(r * w.n_out + c);
+      ASSERT_NEAR(got[i], exact[i], sum_abs * rel + 1e-5 * (1 + sum_abs)) << what << " row " << r << " col " << c;
+    }
+  }
+}
+
 TEST(KernelsFast, Bf16PrecisionIsCloseAndOptIn) {
   EXPECT_EQ(bp::kernels_matmul_precision(), bp::MatmulPrecision::EXACT) << "exact must be the default";
   if (!bp::kernels_bf16_native()) GTEST_SKIP() << "no native bf16 GEMM on this CPU";
   const int64_t n = 300, n_in = 256, n_out = 130;  // large enough to convert x on several threads
   const std::vector<float> wf = random_floats(n_in * n_out, 8, 0.0625f), x = random_floats(n * n_in, 9);
-  const std::vector<uint8_t> w = quantized(DType::BF16, wf, n_in);
-  const bp::MatrixView view{DType::BF16, w.data(), n_in, n_out};
-  std::vector<float> exact(static_cast<size_t>(n * n_out)), fast(exact.size());
-  bp::matmul(view, x.data(), n, exact.data());
   const int saved_threads = omp_get_max_threads();
-  for (int threads : {1, 2, 3}) {
-    omp_set_num_threads(threads);
-    bp::kernels_set_matmul_precision(bp::MatmulPrecision::BF16);
-    std::fill(fast.begin(), fast.end(), std::nanf(""));
-    bp::matmul(view, x.data(), n, fast.data());
-    bp::kernels_set_matmul_precision(bp::MatmulPrecision::EXACT);
-    // Each activation is off by at most 2^-9 relative: the sum by at most 2^-9 sum |w x|.
-    std::vector<float> wd(static_cast<size_t>(n_in * n_out));  // [n_out][n_in] the weights as f32
-    for (int64_t c = 0; c < n_out; ++c) bp::dequantize_row(DType::BF16, view.row(c), wd.data() + c * n_in, n_in);
-    for (int64_t r = 0; r < n; ++r) {
-      for (int64_t c = 0; c < n_out; ++c) {
-        double bound = 0;
-        for (int64_t k = 0; k < n_in; ++k) bound += std::abs(static_cast<double>(wd[static_cast<size_t>(c * n_in + k)]) * x[static_cast<size_t>(r * n_in + k)]);
-        const size_t i = static_cast<size_t>(r * n_out + c);
-        ASSERT_NEAR(fast[i], exact[i], bound / 512 + 1e-6) << "threads=" << threads << " row " << r << " col " << c;
+  for (DType t : {DType::BF16, DType::F32, DType::F16, DType::Q8_0}) {
+    const std::vector<uint8_t> w = quantized(t, wf, n_in);
+    const bp::MatrixView view{t, w.data(), n_in, n_out};
+    std::vector<float> exact(static_cast<size_t>(n * n_out)), fast(exact.size());
+    bp::matmul(view, x.data(), n, exact.data());
+    for (int threads : {1, 2, 3}) {
+      omp_set_num_threads(threads);
+      std::fill(fast.begin(), fast.end(), std::nanf(""));
+      {
+        const Bf16Precision bf16;
+        bp::matmul(view, x.data(), n, fast.data());
       }
+      EXPECT_NE(fast, exact) << bp::dtype_name(t) << ": the bf16 path did not run";
+      expect_within_bf16_rounding(view, x, n, fast, exact, std::string(bp::dtype_name(t)) + " threads=" + std::to_string(threads));
     }
   }
   omp_set_num_threads(saved_threads);
+}
+
+// matmul_many under BF16 (x rounded once for all targets) against exact products.
+TEST(KernelsFast, Bf16PrecisionMatmulMany) {
+  if (!bp::kernels_bf16_native()) GTEST_SKIP() << "no native bf16 GEMM on this CPU";
+  const int64_t n = 70, n_in = 128;
+  const int64_t n_outs[] = {64, 17, 130};
+  const DType types[] = {DType::Q8_0, DType::F16, DType::BF16};  // mixed types in one call
+  const std::vector<float> x = random_floats(n * n_in, 12);
+  std::vector<std::vector<uint8_t>> w;
+  std::vector<std::vector<float>> exact(3), got(3);
+  std::vector<bp::MatmulTarget> targets;
+  for (size_t i = 0; i < 3; ++i) {
+    w.push_back(quantized(types[i], random_floats(n_in * n_outs[i], 20 + static_cast<uint32_t>(i), 0.1f), n_in));
+    const bp::MatrixView view{types[i], w[i].data(), n_in, n_outs[i]};
+    exact[i].resize(static_cast<size_t>(n * n_outs[i]));
+    got[i].assign(exact[i].size(), std::nanf(""));
+    bp::matmul(view, x.data(), n, exact[i].data());
+    targets.push_back({view, got[i].data()});
+  }
+  {
+    const Bf16Precision bf16;
+    bp::matmul_many(targets, x.data(), n);
+  }
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_NE(got[i], exact[i]) << "target " << i << ": the bf16 path did not run";
+    expect_within_bf16_rounding(targets[i].w, x, n, got[i], exact[i], "target " + std::to_string(i));
+  }
+}
+
+// Rows of non-bf16 weights are rounded to bf16 in panels of about 4 MiB per thread: a matrix
+// wider than one panel, on one thread, crosses a panel boundary.
+TEST(KernelsFast, Bf16PrecisionAcrossWeightPanels) {
+  if (!bp::kernels_bf16_native()) GTEST_SKIP() << "no native bf16 GEMM on this CPU";
+  const int64_t n = 40, n_in = 256, n_out = 8192 + 48;  // 4 MiB of bf16 rows is 8192 rows of 256
+  const std::vector<uint8_t> w = quantized(DType::Q8_0, random_floats(n_in * n_out, 30, 0.1f), n_in);
+  const std::vector<float> x = random_floats(n * n_in, 31);
+  const bp::MatrixView view{DType::Q8_0, w.data(), n_in, n_out};
+  std::vector<float> exact(static_cast<size_t>(n * n_out)), fast(exact.size(), std::nanf(""));
+  bp::matmul(view, x.data(), n, exact.data());
+  const int saved_threads = omp_get_max_threads();
+  omp_set_num_threads(1);
+  {
+    const Bf16Precision bf16;
+    bp::matmul(view, x.data(), n, fast.data());
+  }
+  omp_set_num_threads(saved_threads);
+  EXPECT_NE(fast, exact) << "the bf16 path did not run";
+  expect_within_bf16_rounding(view, x, n, fast, exact, "q8_0 one thread");
+}
+
+// Decode-sized products (n <= MATMUL_FUSED_MAX_N) stay exact under BF16, for every weight type.
+TEST(KernelsFast, Bf16PrecisionKeepsDecodeExact) {
+  const int64_t n_in = 128, n_out = 80;
+  const std::vector<float> wf = random_floats(n_in * n_out, 40, 0.1f);
+  for (DType t : {DType::F32, DType::F16, DType::BF16, DType::Q8_0}) {
+    const std::vector<uint8_t> w = quantized(t, wf, n_in);
+    const bp::MatrixView view{t, w.data(), n_in, n_out};
+    for (int64_t n : {int64_t{1}, int64_t{5}, bp::MATMUL_FUSED_MAX_N}) {
+      const std::vector<float> x = random_floats(n * n_in, 41);
+      std::vector<float> exact(static_cast<size_t>(n * n_out)), fast(exact.size(), std::nanf(""));
+      bp::matmul(view, x.data(), n, exact.data());
+      {
+        const Bf16Precision bf16;
+        bp::matmul(view, x.data(), n, fast.data());
+      }
+      ASSERT_EQ(fast, exact) << bp::dtype_name(t) << " n=" << n;
+    }
+  }
 }
 
 }  // namespace

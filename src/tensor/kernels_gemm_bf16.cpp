@@ -1,14 +1,24 @@
-// The optional bf16 arithmetic for prefill-sized products of bf16 weights (MatmulPrecision::BF16):
-// activations rounded to bf16 (nearest even), then oneDNN's bf16 matmul (f32 accumulation)
-// straight on the mmap'd weights: GGUF's W[n_out][n_in] is the {n_in, n_out} weights matrix in
-// oneDNN's "ba" layout, so nothing is copied or repacked. One primitive per weight shape, with
-// the number of rows given at run time (DNNL_RUNTIME_DIM_VAL), created on first use and kept.
+// The optional bf16 arithmetic for prefill-sized products (MatmulPrecision::BF16), for every
+// weight type. One parallel region per call:
+//   1. the team rounds the activations to bf16 (nearest even) once, into a buffer shared by all
+//      targets of the call (matmul_many: q, k, v read the same x);
+//   2. each thread takes a contiguous range of every target's weight rows and runs oneDNN's bf16
+//      matmul (f32 accumulation) on it by itself (oneDNN runs sequentially inside our parallel
+//      region): bf16 weights straight from the mmap (GGUF's W[n_out][n_in] is oneDNN's
+//      {n_in, n_out} weights matrix in its "ba" layout, nothing copied), other types rounded to
+//      bf16 panel by panel into the thread's own scratch. No synchronisation until the end.
+// One primitive per n_in, with the numbers of activation rows and weight rows given at run time
+// (DNNL_RUNTIME_DIM_VAL), created on first use and kept. The f32 path (kernels.cpp) is built the
+// same way, for the same reason: on the 2-core dev machine one 2-thread oneDNN bf16 matmul over
+// 512 x 768 x 768 ran at ~340-430 GFLOP/s, two single-threaded ones over half the rows each at
+// ~750-840 (the bf16 GEMM's peak there is ~860); runtime dimensions cost nothing measurable.
 //
 // Only used where oneDNN runs bf16 natively (AVX512_BF16 or AMX); elsewhere it would emulate
 // bf16 more slowly than f32, so matmul stays exact.
 #include <dnnl.h>
 #include <omp.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -16,8 +26,8 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <string_view>
-#include <utility>
 #include <vector>
 
 #include "backprompt/error.h"
@@ -70,27 +80,48 @@ void round_to_bf16(const float* src, uint16_t* dst, int64_t n) {
 }
 #endif
 
+// Weight rows rounded to bf16 per oneDNN call when the weights are not bf16: about 4 MiB, at
+// least 64 rows, a multiple of 16. Every call packs all the activations anew, so panels must be
+// wide: on the dev machine (llama-110m and tinyllama shapes, 512 rows, q8_0 weights) panels of
+// 256 KiB ran at 80% of the bf16-weights speed, 1 MiB at 92%, 4 MiB at 98%, 16 MiB no better.
+int64_t bf16_panel_rows(int64_t n_in) {
+  const int64_t rows = ((int64_t{4} << 20) / (n_in * int64_t{sizeof(uint16_t)})) / 16 * 16;
+  return std::max<int64_t>(64, rows);
+}
+
+// A oneDNN matmul xb[m][n_in] (bf16) x W[rows][n_in]ᵀ (bf16, rows of n_in contiguous) ->
+// y[m][rows] (f32, rows ld_y apart), m and rows given at run time.
+struct Bf16Matmul {
+  dnnl::matmul prim;
+  size_t scratch_bytes = 0;  // oneDNN's scratchpad, supplied by the caller (one per thread)
+};
+
 struct Bf16Gemm {
   dnnl::engine engine{dnnl::engine::kind::cpu, 0};
   std::mutex mu;
-  std::map<std::pair<int64_t, int64_t>, std::shared_ptr<dnnl::matmul>> by_shape;  // (n_in, n_out)
+  std::map<int64_t, std::shared_ptr<const Bf16Matmul>> by_n_in;
 
-  // nullptr if oneDNN has no implementation for this shape.
-  std::shared_ptr<dnnl::matmul> primitive(int64_t n_in, int64_t n_out) {
+  // nullptr if oneDNN has no implementation for this n_in.
+  std::shared_ptr<const Bf16Matmul> primitive(int64_t n_in) {
     std::lock_guard<std::mutex> lock(mu);
-    auto it = by_shape.find({n_in, n_out});
-    if (it != by_shape.end()) return it->second;
+    auto it = by_n_in.find(n_in);
+    if (it != by_n_in.end()) return it->second;
     using dnnl::memory;
-    std::shared_ptr<dnnl::matmul> p;
+    constexpr memory::dim RT = DNNL_RUNTIME_DIM_VAL;
+    std::shared_ptr<Bf16Matmul> p;
     try {
-      const memory::desc src({DNNL_RUNTIME_DIM_VAL, n_in}, memory::data_type::bf16, memory::format_tag::ab);
-      const memory::desc wei({n_in, n_out}, memory::data_type::bf16, memory::format_tag::ba);
-      const memory::desc dst({DNNL_RUNTIME_DIM_VAL, n_out}, memory::data_type::f32, memory::format_tag::ab);
-      p = std::make_shared<dnnl::matmul>(dnnl::matmul::primitive_desc(dnnl::matmul::desc(src, wei, dst), engine));
+      const memory::desc src({RT, n_in}, memory::data_type::bf16, memory::format_tag::ab);
+      const memory::desc wei({n_in, RT}, memory::data_type::bf16, memory::dims{1, n_in});  // "ba"
+      const memory::desc dst({RT, RT}, memory::data_type::f32, memory::dims{RT, 1});
+      dnnl::primitive_attr attr;
+      // Our own scratchpad per thread: several threads run this primitive at once.
+      attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+      const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(src, wei, dst), attr, engine);
+      p = std::make_shared<Bf16Matmul>(Bf16Matmul{dnnl::matmul(pd), pd.scratchpad_desc().get_size()});
     } catch (const dnnl::error&) {
       p = nullptr;
     }
-    by_shape[{n_in, n_out}] = p;
+    by_n_in[n_in] = p;
     return p;
   }
 };
@@ -100,35 +131,97 @@ Bf16Gemm& bf16_gemm() {
   return g;
 }
 
+// y[m][rows] (rows ld_y apart) = xb[m][n_in] · wb[rows][n_in]ᵀ, on the calling thread when called
+// inside a parallel region. scratch: m.scratch_bytes bytes.
+void run_bf16_matmul(const Bf16Matmul& m, dnnl::stream& stream, const uint16_t* xb, int64_t n, int64_t n_in,
+                     const void* wb, int64_t n_rows, float* y, int64_t ld_y, uint8_t* scratch) {
+  using dnnl::memory;
+  const dnnl::engine& engine = bf16_gemm().engine;
+  const memory src(memory::desc({n, n_in}, memory::data_type::bf16, memory::format_tag::ab), engine,
+                   const_cast<uint16_t*>(xb));  // read only
+  const memory wei(memory::desc({n_in, n_rows}, memory::data_type::bf16, memory::format_tag::ba), engine,
+                   const_cast<void*>(wb));  // read only
+  const memory dst(memory::desc({n, n_rows}, memory::data_type::f32, memory::dims{ld_y, 1}), engine, y);
+  const memory scr(memory::desc({static_cast<memory::dim>(m.scratch_bytes)}, memory::data_type::u8, memory::format_tag::a),
+                   engine, scratch);
+  m.prim.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst}, {DNNL_ARG_SCRATCHPAD, scr}});
+  stream.wait();
+}
+
 }  // namespace
 
 MatmulPrecision matmul_precision() { return precision_current().load(std::memory_order_relaxed); }
 
-bool gemm_bf16(const MatrixView& w, const float* x, int64_t n, float* y) {
-  if (w.type != DType::BF16 || matmul_precision() != MatmulPrecision::BF16 || !native_bf16()) return false;
-  std::shared_ptr<dnnl::matmul> prim = bf16_gemm().primitive(w.n_in, w.n_out);
+bool gemm_bf16(std::span<const MatmulTarget> targets, const float* x, int64_t n) {
+  if (matmul_precision() != MatmulPrecision::BF16 || !native_bf16() || targets.empty() || n <= 0) return false;
+  const int64_t n_in = targets[0].w.n_in;
+  int64_t n_macs = 0;
+  for (const MatmulTarget& t : targets) {
+    if (t.w.n_in != n_in || t.w.n_in == 0 || t.w.n_out == 0) return false;  // trivial or mixed: the exact path
+    BP_ASSERT(n_in % dtype_block_size(t.w.type) == 0 && t.w.data != nullptr && t.y != nullptr);
+    n_macs += n * n_in * t.w.n_out;
+  }
+  BP_ASSERT(x != nullptr);
+  const std::shared_ptr<const Bf16Matmul> prim = bf16_gemm().primitive(n_in);
   if (!prim) return false;
 
-  thread_local std::vector<uint16_t> xb_scratch;  // [n][n_in] activations as bf16
-  xb_scratch.resize(static_cast<size_t>(n * w.n_in));
-  uint16_t* xb = xb_scratch.data();  // this thread's buffer, shared with the team below
-  const int64_t n_in = w.n_in;
-#pragma omp parallel for schedule(static) if (n * n_in >= (1 << 16))
-  for (int64_t r = 0; r < n; ++r) round_to_bf16(x + r * n_in, xb + r * n_in, n_in);
-
-  using dnnl::memory;
-  Bf16Gemm& g = bf16_gemm();
+  const std::string what = std::to_string(n) + " x " + std::to_string(n_in) + " activations";
+  thread_local std::vector<uint16_t> xb_scratch;  // [n][n_in] activations as bf16, shared with the team
   try {
-    const memory src(memory::desc({n, n_in}, memory::data_type::bf16, memory::format_tag::ab), g.engine, xb);
-    const memory wei(memory::desc({n_in, w.n_out}, memory::data_type::bf16, memory::format_tag::ba), g.engine,
-                     const_cast<void*>(w.data));  // read only
-    const memory dst(memory::desc({n, w.n_out}, memory::data_type::f32, memory::format_tag::ab), g.engine, y);
-    dnnl::stream stream(g.engine);
-    prim->execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst}});
-    stream.wait();
-  } catch (const dnnl::error& e) {
-    throw Error(ErrorCode::OUT_OF_MEMORY, std::string("matmul: oneDNN bf16 matmul failed (") + e.what() + ") on " +
-                                              std::to_string(n) + " x " + std::to_string(n_in) + " activations");
+    xb_scratch.resize(static_cast<size_t>(n * n_in));
+  } catch (const std::bad_alloc&) {
+    throw Error(ErrorCode::OUT_OF_MEMORY, "matmul: out of memory for bf16 copies of " + what);
+  }
+  uint16_t* xb = xb_scratch.data();
+  const KernelIsa& isa = kernel_isa();
+  std::atomic<bool> failed{false};
+#pragma omp parallel if (n_macs >= PARALLEL_MIN_MACS)
+  {
+    const int64_t n_threads = omp_get_num_threads(), t = omp_get_thread_num();
+    for (int64_t r = n * t / n_threads; r < n * (t + 1) / n_threads; ++r) round_to_bf16(x + r * n_in, xb + r * n_in, n_in);
+#pragma omp barrier
+    thread_local std::vector<uint16_t> panel;     // [panel_rows][n_in] weights rounded to bf16
+    thread_local std::vector<float> row_f32;      // [n_in] one weight row as f32
+    thread_local std::vector<uint8_t> dnnl_scratch;  // oneDNN's scratchpad
+    try {
+      dnnl_scratch.resize(prim->scratch_bytes);
+      dnnl::stream stream(bf16_gemm().engine);
+      constexpr int64_t ROW_UNIT = 16;  // as matmul_gemm: threads write disjoint cache lines of y
+      for (size_t i = 0; i < targets.size() && !failed.load(std::memory_order_relaxed); ++i) {
+        const MatrixView& w = targets[i].w;
+        const int64_t n_units = (w.n_out + ROW_UNIT - 1) / ROW_UNIT;
+        const int64_t r_begin = std::min(w.n_out, n_units * t / n_threads * ROW_UNIT);
+        const int64_t r_end = std::min(w.n_out, n_units * (t + 1) / n_threads * ROW_UNIT);
+        if (r_begin == r_end) continue;
+        if (w.type == DType::BF16) {
+          run_bf16_matmul(*prim, stream, xb, n, n_in, w.row(r_begin), r_end - r_begin, targets[i].y + r_begin, w.n_out,
+                          dnnl_scratch.data());
+          continue;
+        }
+        const int64_t panel_rows = std::min(r_end - r_begin, bf16_panel_rows(n_in));
+        panel.resize(static_cast<size_t>(panel_rows * n_in));
+        row_f32.resize(static_cast<size_t>(n_in));
+        for (int64_t r0 = r_begin; r0 < r_end; r0 += panel_rows) {
+          const int64_t n_rows = std::min(panel_rows, r_end - r0);
+          for (int64_t r = 0; r < n_rows; ++r) {
+            const float* src = reinterpret_cast<const float*>(w.row(r0 + r));
+            if (w.type != DType::F32) {
+              isa.dequantize_row(w.type, w.row(r0 + r), row_f32.data(), n_in);
+              src = row_f32.data();
+            }
+            round_to_bf16(src, panel.data() + r * n_in, n_in);
+          }
+          run_bf16_matmul(*prim, stream, xb, n, n_in, panel.data(), n_rows, targets[i].y + r0, w.n_out, dnnl_scratch.data());
+        }
+      }
+    } catch (const std::bad_alloc&) {
+      failed.store(true, std::memory_order_relaxed);
+    } catch (const dnnl::error&) {
+      failed.store(true, std::memory_order_relaxed);
+    }
+  }
+  if (failed.load()) {
+    throw Error(ErrorCode::OUT_OF_MEMORY, "matmul: out of memory in the bf16 GEMM (weight panels or oneDNN) on " + what);
   }
   return true;
 }

@@ -55,11 +55,16 @@ void matmul_fused(const MatrixView& w, const float* x, int64_t n, float* y);
 void matmul_fused_many(std::span<const MatmulTarget> targets, const float* x, int64_t n);
 void matmul_gemm(const MatrixView& w, const float* x, int64_t n, float* y);
 
-// The current MatmulPrecision, and the bf16 product for bf16 weights under BF16 (kernels_gemm_bf16.cpp):
-// false, doing nothing, when it does not apply (other type, EXACT, no native bf16, no oneDNN
-// implementation for the shape).
+// Below this many multiply-adds a call runs on the calling thread: waking the team costs more.
+constexpr int64_t PARALLEL_MIN_MACS = 1 << 16;
+
+// The current MatmulPrecision, and the products under BF16 (kernels_gemm_bf16.cpp): every
+// target's y = x · wᵀ (all w.n_in equal), x rounded to bf16 once for all of them, weights of any
+// type rounded to bf16. Returns false, doing nothing, when it does not apply (EXACT, no native
+// bf16, no oneDNN implementation, an empty matrix, unequal n_in): the caller then runs the exact
+// path. For any n >= 1; matmul uses it only above MATMUL_FUSED_MAX_N.
 MatmulPrecision matmul_precision();
-bool gemm_bf16(const MatrixView& w, const float* x, int64_t n, float* y);
+bool gemm_bf16(std::span<const MatmulTarget> targets, const float* x, int64_t n);
 
 // matmul() uses matmul_fused for n <= MATMUL_FUSED_MAX_N (kernels.h), matmul_gemm above. Measured
 // on the AVX-512 dev machine (2048 x 4096 weights, one thread): fused is 1.4-3x faster than
