@@ -172,23 +172,6 @@ TEST(CacheStoreMisc, UnreachableRedisIsAMissNotAnError) {
 }
 
 // Two processes: `backprompt score` twice against one dir: store.
-struct CliOut {
-  int code = -1;
-  std::string out;
-};
-
-CliOut run_cli(const std::string& args) {
-  CliOut r;
-  FILE* p = popen((std::string(BACKPROMPT_BINARY_DIR) + "/backprompt " + args + " 2>/dev/null").c_str(), "r");
-  if (!p) return r;
-  std::array<char, 4096> buf{};
-  size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) r.out.append(buf.data(), n);
-  const int st = pclose(p);
-  r.code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  return r;
-}
-
 TEST(CacheStoreMisc, SecondProcessComputesOnlyWhatTheFirstDidNotStore) {
   const std::string m = bp::testing::generated_model(bp::Arch::LLAMA, bp::DType::F32);
   const std::string dir = fresh_store_dir("store-cli");
@@ -196,20 +179,20 @@ TEST(CacheStoreMisc, SecondProcessComputesOnlyWhatTheFirstDidNotStore) {
   std::ofstream(c1) << " one\n two\n three\n";
   std::ofstream(c2) << " two\n four\n";
   const std::string common = "score -m '" + m + "' --prompt 'a shared prompt that is computed once' --json --store dir:" + dir;
-  const CliOut first = run_cli(common + " --choices " + c1);
-  ASSERT_EQ(first.code, 0);
-  const CliOut again = run_cli(common + " --choices " + c1);
-  ASSERT_EQ(again.code, 0);
+  const bp::testing::CliResult first = bp::testing::run_cli_line(common + " --choices " + c1);
+  ASSERT_EQ(first.exit_code, 0);
+  const bp::testing::CliResult again = bp::testing::run_cli_line(common + " --choices " + c1);
+  ASSERT_EQ(again.exit_code, 0);
   const auto j1 = nlohmann::json::parse(first.out), j2 = nlohmann::json::parse(again.out);
   EXPECT_EQ(j2["stats"]["tokens_computed"], 0);
   EXPECT_EQ(j2["stats"]["tokens_loaded"], j1["stats"]["tokens_computed"]);
   for (size_t i = 0; i < j1["completions"].size(); ++i)
     EXPECT_NEAR(j1["completions"][i]["sum_logprob"].get<double>(), j2["completions"][i]["sum_logprob"].get<double>(), 1e-4);
   // Another workload with the same prompt: the prompt and " two" are loaded, " four" is computed.
-  const CliOut third = run_cli(common + " --choices " + c2);
-  ASSERT_EQ(third.code, 0);
+  const bp::testing::CliResult third = bp::testing::run_cli_line(common + " --choices " + c2);
+  ASSERT_EQ(third.exit_code, 0);
   const auto j3 = nlohmann::json::parse(third.out);
-  const CliOut uncached = run_cli("score -m '" + m + "' --prompt 'a shared prompt that is computed once' --json --choices " + c2);
+  const bp::testing::CliResult uncached = bp::testing::run_cli_line("score -m '" + m + "' --prompt 'a shared prompt that is computed once' --json --choices " + c2);
   const auto ju = nlohmann::json::parse(uncached.out);
   EXPECT_GT(j3["stats"]["tokens_loaded"].get<int>(), 0);
   EXPECT_LT(j3["stats"]["tokens_computed"].get<int>(), ju["stats"]["tokens_computed"].get<int>());
@@ -221,8 +204,8 @@ TEST(CacheStoreMisc, SecondProcessComputesOnlyWhatTheFirstDidNotStore) {
   for (const auto& e : fs::recursive_directory_iterator(dir))
     if (e.is_regular_file()) block_file = e.path().string();
   ASSERT_FALSE(block_file.empty());
-  const CliOut inspect = run_cli("inspect '" + block_file + "'");
-  EXPECT_EQ(inspect.code, 0);
+  const bp::testing::CliResult inspect = bp::testing::run_cli_line("inspect '" + block_file + "'");
+  EXPECT_EQ(inspect.exit_code, 0);
   EXPECT_NE(inspect.out.find("backprompt K/V block"), std::string::npos) << inspect.out;
   EXPECT_NE(inspect.out.find("checksum ok"), std::string::npos) << inspect.out;
 }
@@ -239,14 +222,14 @@ TEST(CacheStoreMisc, SecondProcessLoadsFromRedis) {
   const std::string c1 = bp::testing::temp_dir() + "/redis-choices.txt";
   std::ofstream(c1) << " one\n two\n three\n";
   const std::string args = "score -m '" + m + "' --prompt 'a prompt shared through redis' --json --choices " + c1 + " --store " + redis.uri(3);
-  const CliOut first = run_cli(args), second = run_cli(args);
-  ASSERT_EQ(first.code, 0);
-  ASSERT_EQ(second.code, 0);
+  const bp::testing::CliResult first = bp::testing::run_cli_line(args), second = bp::testing::run_cli_line(args);
+  ASSERT_EQ(first.exit_code, 0);
+  ASSERT_EQ(second.exit_code, 0);
   const auto j1 = nlohmann::json::parse(first.out), j2 = nlohmann::json::parse(second.out);
   EXPECT_GT(j1["stats"]["tokens_computed"].get<int>(), 0);
   EXPECT_EQ(j2["stats"]["tokens_computed"], 0);
   EXPECT_EQ(j2["stats"]["tokens_loaded"], j1["stats"]["tokens_computed"]);
-  const CliOut uncached = run_cli("score -m '" + m + "' --prompt 'a prompt shared through redis' --json --choices " + c1);
+  const bp::testing::CliResult uncached = bp::testing::run_cli_line("score -m '" + m + "' --prompt 'a prompt shared through redis' --json --choices " + c1);
   const auto ju = nlohmann::json::parse(uncached.out);
   for (size_t i = 0; i < ju["completions"].size(); ++i)
     EXPECT_NEAR(j2["completions"][i]["sum_logprob"].get<double>(), ju["completions"][i]["sum_logprob"].get<double>(), 1e-4);

@@ -20,46 +20,16 @@
 #include "tokenizer/load.h"
 
 namespace bp = backprompt;
+using bp::testing::CliResult;
+using bp::testing::run_cli;
 using bp::testing::temp_dir;
 using bp::testing::test_data_file;
 
 namespace {
 
-struct CliResult {
-  int exit_code = -1;
-  std::string out;  // stdout
-  std::string err;  // stderr
-};
-
 std::string read_bytes(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-}
-
-// A shell word that stands for `s` exactly.
-std::string quote(const std::string& s) {
-  std::string q = "'";
-  for (char c : s) {
-    if (c == '\'') q += "'\\''";
-    else q += c;
-  }
-  return q + "'";
-}
-
-std::string binary() { return std::string(BACKPROMPT_BINARY_DIR) + "/backprompt"; }
-
-CliResult run_cli(const std::vector<std::string>& args) {
-  static std::atomic<int> counter{0};
-  const std::string base = temp_dir() + "/cli-" + std::to_string(counter++);
-  std::string cmd = quote(binary());
-  for (const std::string& a : args) cmd += " " + quote(a);
-  cmd += " >" + quote(base + ".out") + " 2>" + quote(base + ".err") + " </dev/null";
-  const int status = std::system(cmd.c_str());
-  CliResult r;
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  r.out = read_bytes(base + ".out");
-  r.err = read_bytes(base + ".err");
-  return r;
 }
 
 std::string join_ids(const std::vector<int32_t>& ids) {
@@ -77,7 +47,7 @@ size_t count_lines(const std::string& s) {
 }  // namespace
 
 #define REQUIRE_BINARY()                                                                    \
-  if (!std::filesystem::exists(binary())) GTEST_SKIP() << binary() << " not built (BACKPROMPT_TOOLS=OFF?)"
+  if (!std::filesystem::exists(bp::testing::cli_binary())) GTEST_SKIP() << bp::testing::cli_binary() << " not built (BACKPROMPT_TOOLS=OFF?)"
 
 TEST(CliHelp, TopLevelAndEverySubcommand) {
   REQUIRE_BINARY();

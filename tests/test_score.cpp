@@ -15,24 +15,6 @@ namespace bp = backprompt;
 
 namespace {
 
-struct CliRun {
-  int exit_code = -1;
-  std::string out;
-};
-
-CliRun run_cli(const std::string& args) {
-  const std::string cmd = std::string(BACKPROMPT_BINARY_DIR) + "/backprompt " + args + " 2>/dev/null";
-  CliRun r;
-  FILE* p = popen(cmd.c_str(), "r");
-  if (!p) return r;
-  std::array<char, 4096> buf{};
-  size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) r.out.append(buf.data(), n);
-  const int st = pclose(p);
-  r.exit_code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  return r;
-}
-
 std::string write_file(const std::string& name, const std::string& content) {
   const std::string path = bp::testing::temp_dir() + "/" + name;
   std::ofstream(path, std::ios::binary) << content;
@@ -64,7 +46,7 @@ void check_scores(const std::string& model_path, const std::string& prompt, cons
   for (const auto& e : endings) ef += e + "\n";
   const std::string args = "score -m '" + model_path + "' --prompt '" + prompt + "' --choices '" + write_file("choices.txt", cf) +
                            "'" + (endings.empty() ? "" : " --endings '" + write_file("endings.txt", ef) + "'") + " --json";
-  const CliRun r = run_cli(args);
+  const bp::testing::CliResult r = bp::testing::run_cli_line(args);
   ASSERT_EQ(r.exit_code, 0) << r.out;
   const nlohmann::json j = nlohmann::json::parse(r.out);
   const auto model = bp::Model::load(model_path);
@@ -128,25 +110,25 @@ TEST(Score, Stories260KMatchesTextByTextUncached) {
 TEST(Score, TableOutputAndErrors) {
   const std::string m = bp::testing::generated_model(bp::Arch::LLAMA, bp::DType::F32);
   const std::string cf = write_file("c2.txt", " a\n b\n");
-  const CliRun table = run_cli("score -m '" + m + "' --prompt hi --choices '" + cf + "'");
+  const bp::testing::CliResult table = bp::testing::run_cli_line("score -m '" + m + "' --prompt hi --choices '" + cf + "'");
   EXPECT_EQ(table.exit_code, 0);
   EXPECT_NE(table.out.find("sum_logprob"), std::string::npos) << table.out;
   EXPECT_NE(table.out.find("\" a\""), std::string::npos) << table.out;
-  EXPECT_EQ(run_cli("score -m '" + m + "' --prompt hi").exit_code, 2);                                  // no --choices
-  EXPECT_EQ(run_cli("score -m '" + m + "' --prompt hi --choices /nonexistent/file").exit_code, 1);      // unreadable
-  EXPECT_EQ(run_cli("score -m '" + m + "' --prompt hi --choices '" + write_file("empty.txt", "") + "'").exit_code, 2);
+  EXPECT_EQ(bp::testing::run_cli_line("score -m '" + m + "' --prompt hi").exit_code, 2);                                  // no --choices
+  EXPECT_EQ(bp::testing::run_cli_line("score -m '" + m + "' --prompt hi --choices /nonexistent/file").exit_code, 1);      // unreadable
+  EXPECT_EQ(bp::testing::run_cli_line("score -m '" + m + "' --prompt hi --choices '" + write_file("empty.txt", "") + "'").exit_code, 2);
 }
 
 TEST(Graph, DotShowsSegmentsAndNodes) {
   const std::string m = bp::testing::generated_model(bp::Arch::LLAMA, bp::DType::F32);
   const std::string cf = write_file("c3.txt", " a\n b\n");
-  const CliRun r = run_cli("graph -m '" + m + "' --prompt 'shared prefix' --choices '" + cf + "'");
+  const bp::testing::CliResult r = bp::testing::run_cli_line("graph -m '" + m + "' --prompt 'shared prefix' --choices '" + cf + "'");
   ASSERT_EQ(r.exit_code, 0);
   EXPECT_EQ(r.out.rfind("digraph backprompt {", 0), 0u) << r.out;
   EXPECT_NE(r.out.find("shared prefix"), std::string::npos);
   EXPECT_NE(r.out.find("lightblue"), std::string::npos);   // computed nodes
   EXPECT_EQ(r.out.find("not in cache"), std::string::npos);
-  const CliRun lazy = run_cli("graph --no-eval -m '" + m + "' --prompt 'shared prefix' --choices '" + cf + "'");
+  const bp::testing::CliResult lazy = bp::testing::run_cli_line("graph --no-eval -m '" + m + "' --prompt 'shared prefix' --choices '" + cf + "'");
   EXPECT_NE(lazy.out.find("not in cache"), std::string::npos);
 }
 

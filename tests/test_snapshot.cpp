@@ -29,6 +29,8 @@
 namespace bp = backprompt;
 namespace snap = backprompt::snapshot;
 using bp::testing::generated_model;
+using bp::testing::CliResult;
+using bp::testing::run_cli;
 using bp::testing::temp_dir;
 
 namespace {
@@ -683,33 +685,6 @@ TEST(Snapshot, StorageTypesTableForAModel) {
 
 namespace {
 
-struct CliResult {
-  int exit_code = -1;
-  std::string out, err;
-};
-
-std::string shell_quote(const std::string& s) {
-  std::string q = "'";
-  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
-  return q + "'";
-}
-
-std::string binary() { return std::string(BACKPROMPT_BINARY_DIR) + "/backprompt"; }
-
-CliResult run_cli(const std::vector<std::string>& args) {
-  static std::atomic<int> counter{0};
-  const std::string base = temp_dir() + "/snapshot-cli-" + std::to_string(counter++);
-  std::string cmd = shell_quote(binary());
-  for (const std::string& a : args) cmd += " " + shell_quote(a);
-  cmd += " >" + shell_quote(base + ".out") + " 2>" + shell_quote(base + ".err") + " </dev/null";
-  const int status = std::system(cmd.c_str());
-  CliResult r;
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  const std::vector<uint8_t> out = read_file(base + ".out"), err = read_file(base + ".err");
-  r.out.assign(out.begin(), out.end());
-  r.err.assign(err.begin(), err.end());
-  return r;
-}
 
 std::vector<std::string> concat(std::vector<std::string> a, const std::vector<std::string>& b) {
   a.insert(a.end(), b.begin(), b.end());
@@ -740,7 +715,7 @@ void check_cli_resume(const std::string& model, const std::string& prompt, const
 }  // namespace
 
 #define REQUIRE_BINARY() \
-  if (!std::filesystem::exists(binary())) GTEST_SKIP() << binary() << " not built (BACKPROMPT_TOOLS=OFF?)"
+  if (!std::filesystem::exists(bp::testing::cli_binary())) GTEST_SKIP() << bp::testing::cli_binary() << " not built (BACKPROMPT_TOOLS=OFF?)"
 
 TEST(SnapshotCli, CachePromptThenRestoreEqualsOneRun) {
   REQUIRE_BINARY();

@@ -1,11 +1,17 @@
 // Shared test helpers: where the test data is, and small generated models (made once per run).
 #pragma once
 
+#include <sys/wait.h>
+
+#include <atomic>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <map>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "backprompt/model.h"
 #include "model/make_model.h"
@@ -36,6 +42,48 @@ inline std::string temp_dir() {
     return std::string(d ? d : "/tmp");
   }();
   return dir;
+}
+
+// A shell word that stands for `s` exactly.
+inline std::string shell_quote(const std::string& s) {
+  std::string q = "'";
+  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return q + "'";
+}
+
+// The backprompt command-line tool built with the tests.
+inline std::string cli_binary() { return std::string(BACKPROMPT_BINARY_DIR) + "/backprompt"; }
+
+struct CliResult {
+  int exit_code = -1;  // -1 if it did not exit normally
+  std::string out;     // stdout
+  std::string err;     // stderr
+};
+
+// Runs `backprompt <args_line>` through the shell (args_line is shell words, already quoted where
+// needed), stdin from /dev/null, capturing stdout and stderr.
+inline CliResult run_cli_line(const std::string& args_line) {
+  static std::atomic<int> counter{0};
+  const std::string base = temp_dir() + "/cli-" + std::to_string(counter++);
+  const std::string cmd = shell_quote(cli_binary()) + " " + args_line + " >" + shell_quote(base + ".out") + " 2>" +
+                          shell_quote(base + ".err") + " </dev/null";
+  const int status = std::system(cmd.c_str());
+  auto slurp = [](const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  };
+  CliResult r;
+  r.exit_code = status != -1 && WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  r.out = slurp(base + ".out");
+  r.err = slurp(base + ".err");
+  return r;
+}
+
+// Runs `backprompt` with these arguments, each passed as one word.
+inline CliResult run_cli(const std::vector<std::string>& args) {
+  std::string line;
+  for (const std::string& a : args) line += (line.empty() ? "" : " ") + shell_quote(a);
+  return run_cli_line(line);
 }
 
 // A generated random-weight model (built-in byte vocabulary), made once per options.

@@ -106,9 +106,8 @@ void hidden_team(const ModelImpl& m, const Batch& b, float* x, Activations& a) {
   const int64_t layer_macs = n * (4 * d * d + 2 * d * ff);
   const bool parallel = layer_macs >= PARALLEL_MIN_LAYER_MACS;
   const int n_team = parallel ? omp_get_max_threads() : 1;
-  std::unique_ptr<RowDealer[]> dealers(new RowDealer[static_cast<size_t>(c.n_layer) * N_PRODUCTS]);
   const int64_t n_rows[N_PRODUCTS] = {3 * d, d, ff, d};
-  for (int64_t i = 0; i < int64_t{c.n_layer} * N_PRODUCTS; ++i) dealers[i].set(n_rows[i % N_PRODUCTS], n_team);
+  const std::unique_ptr<RowDealer[]> dealers = ops::make_dealers(c.n_layer, n_rows, n_team);
 #pragma omp parallel if (parallel)
   {
     const ops::TeamPass team;  // store_kv and attention below are shared by the team
