@@ -540,44 +540,6 @@ TEST(Kernels, MatmulAnyThreadCount) {
   omp_set_num_threads(saved);
 }
 
-TEST(Kernels, RowDealerHandsOutEveryRowOnce) {
-  for (int64_t n_rows : {int64_t{1}, int64_t{16}, int64_t{17}, int64_t{256}, int64_t{301}, int64_t{5632}}) {
-    for (int threads : {1, 2, 3}) {
-      bp::RowDealer dealer;
-      dealer.set(n_rows, threads);
-      std::vector<int> taken(static_cast<size_t>(n_rows), 0);
-#pragma omp parallel num_threads(threads)
-      {
-        bp::RowRange r;
-        while (dealer.next(&r)) {
-          EXPECT_EQ(r.r0 % 16, 0);
-          EXPECT_TRUE(r.r1 == n_rows || r.r1 % 16 == 0);
-          for (int64_t i = r.r0; i < r.r1; ++i) {
-#pragma omp atomic
-            ++taken[static_cast<size_t>(i)];
-          }
-        }
-      }
-      for (int64_t i = 0; i < n_rows; ++i) ASSERT_EQ(taken[static_cast<size_t>(i)], 1) << "row " << i << " of " << n_rows;
-      bp::RowRange r;
-      EXPECT_FALSE(dealer.next(&r));
-    }
-  }
-}
-
-TEST(Kernels, MatmulManyRowsMatchesMatmul) {
-  const TestMatrix a = make_matrix(DType::Q8_0, 256, 301, 3, true), b = make_matrix(DType::F16, 256, 301, 4, true);
-  const int64_t n = 3;
-  const std::vector<float> x = make_x(n, 256, 8, true);
-  std::vector<float> ya(n * 301), yb(n * 301), ra(n * 301), rb(n * 301);
-  bp::matmul(a.view, x.data(), n, ra.data());
-  bp::matmul(b.view, x.data(), n, rb.data());
-  const bp::MatmulTarget targets[] = {{a.view, ya.data()}, {b.view, yb.data()}};
-  for (int64_t r0 = 0; r0 < 301; r0 += 48) bp::matmul_many_rows(targets, x.data(), n, {r0, std::min<int64_t>(301, r0 + 48)});
-  EXPECT_EQ(ya, ra);
-  EXPECT_EQ(yb, rb);
-}
-
 TEST(Kernels, MatmulEmptyShapes) {
   std::vector<float> w(64, 1.0f), x(64, 1.0f), y(8, 7.0f);
   bp::matmul(bp::MatrixView{DType::F32, w.data(), 8, 8}, x.data(), 0, y.data());  // n = 0

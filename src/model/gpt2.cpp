@@ -1,14 +1,12 @@
 // GPT-2: learned position embeddings, pre-LayerNorm blocks with biases, fused QKV, GELU MLP.
 //
 // Two schedules of the same arithmetic, as in llama.cpp: step by step (prefill, large batches),
-// or one parallel region for the whole pass with 5 barriers per layer (decode-sized batches),
-// threads taking chunks of each product first come first served.
+// or one parallel region for the whole pass with 5 barriers per layer (decode-sized batches).
 #include <omp.h>
 
 #include <algorithm>
 #include <cstring>
 #include <iterator>
-#include <memory>
 #include <vector>
 
 #include "model/arch.h"
@@ -97,57 +95,42 @@ void add_residual_columns(float* x, const float* y, const float* bias, int64_t n
   }
 }
 
-// The dealers of one decode pass: one per product of each layer, set before the team starts.
-enum Product { QKV, OUT, UP, DOWN, N_PRODUCTS };
-
 void hidden_team(const ModelImpl& m, const Batch& b, float* x, Activations& a) {
   const ModelConfig& c = m.config;
   const int64_t n = b.n_rows, d = c.n_embd, ff = c.n_ff;
   const int64_t layer_macs = n * (4 * d * d + 2 * d * ff);
-  const bool parallel = layer_macs >= PARALLEL_MIN_LAYER_MACS;
-  const int n_team = parallel ? omp_get_max_threads() : 1;
-  const int64_t n_rows[N_PRODUCTS] = {3 * d, d, ff, d};
-  const std::unique_ptr<RowDealer[]> dealers = ops::make_dealers(c.n_layer, n_rows, n_team);
-#pragma omp parallel if (parallel)
+#pragma omp parallel if (layer_macs >= PARALLEL_MIN_LAYER_MACS)
   {
     const ops::TeamPass team;  // store_kv and attention below are shared by the team
+    const int t = omp_get_thread_num(), n_threads = omp_get_num_threads();
     float* h = ops::thread_scratch(1, static_cast<size_t>(2 * n * d));  // [n][d] this thread's normalized input
-    float* y = h + n * d;                                               // [n][d] its chunks of a block output
-    RowRange rows;
+    float* y = h + n * d;                                               // [n][d] its share of a block output
+    RowRange rows[1];
     for (int32_t il = 0; il < c.n_layer; ++il) {
       const LayerWeights& L = m.layers[static_cast<size_t>(il)];
-      RowDealer* deal = &dealers[static_cast<size_t>(il) * N_PRODUCTS];
       // x is complete here (after a barrier): every thread normalizes it for itself.
       ops::layer_norm(x, h, n, d, L.attn_norm_w.data(), L.attn_norm_b.data(), c.norm_eps);
       const MatmulTarget qkv[] = {{L.attn_qkv, a.qkv}};
-      while (deal[QKV].next(&rows)) {
-        matmul_many_rows(qkv, h, n, rows);
-        add_bias_columns(a.qkv, L.attn_qkv_b.data(), n, 3 * d, rows);
-        split_qkv(a, n, d, rows);
-      }
+      matmul_many_part(qkv, h, n, t, n_threads, rows);
+      add_bias_columns(a.qkv, L.attn_qkv_b.data(), n, 3 * d, rows[0]);
+      split_qkv(a, n, d, rows[0]);
 #pragma omp barrier
       store_kv(b, il, a.k, a.v);     // shared by the team, then a barrier
       attention(b, il, a.q, a.att);  // shared by the team, then a barrier
       const MatmulTarget out[] = {{L.attn_out, y}};
-      while (deal[OUT].next(&rows)) {
-        matmul_many_rows(out, a.att, n, rows);
-        add_residual_columns(x, y, L.attn_out_b.data(), n, d, rows);
-      }
+      matmul_many_part(out, a.att, n, t, n_threads, rows);
+      add_residual_columns(x, y, L.attn_out_b.data(), n, d, rows[0]);
 #pragma omp barrier
 
       ops::layer_norm(x, h, n, d, L.ffn_norm_w.data(), L.ffn_norm_b.data(), c.norm_eps);
       const MatmulTarget up[] = {{L.ffn_up, a.up}};
-      while (deal[UP].next(&rows)) {
-        matmul_many_rows(up, h, n, rows);
-        add_bias_columns(a.up, L.ffn_up_b.data(), n, ff, rows);
-        for (int64_t r = 0; r < n; ++r) gelu_tanh(a.up + r * ff + rows.r0, rows.r1 - rows.r0);
-      }
+      matmul_many_part(up, h, n, t, n_threads, rows);
+      add_bias_columns(a.up, L.ffn_up_b.data(), n, ff, rows[0]);
+      for (int64_t r = 0; r < n; ++r) gelu_tanh(a.up + r * ff + rows[0].r0, rows[0].r1 - rows[0].r0);
 #pragma omp barrier
       const MatmulTarget down[] = {{L.ffn_down, y}};
-      while (deal[DOWN].next(&rows)) {
-        matmul_many_rows(down, a.up, n, rows);
-        add_residual_columns(x, y, L.ffn_down_b.data(), n, d, rows);
-      }
+      matmul_many_part(down, a.up, n, t, n_threads, rows);
+      add_residual_columns(x, y, L.ffn_down_b.data(), n, d, rows[0]);
 #pragma omp barrier
     }
   }

@@ -3,14 +3,13 @@
 // Two schedules of the same arithmetic:
 //   prefill and large batches: one step after another, each parallel on its own (GEMMs);
 //   decode-sized batches (at most MATMUL_FUSED_MAX_N rows): one parallel region for the whole
-//     pass. The threads take chunks of every matrix's output rows first come first served
-//     (RowDealer), do the row-wise work on each chunk they computed, and meet at 5 barriers per
-//     layer instead of forking and joining a team for each of 5 products (a team wake-up costs
-//     ~20 us with OMP_WAIT_POLICY=passive, a barrier about half, measured on a 2-core machine).
+//     pass. Each thread computes its share of every matrix's output rows (and the row-wise work
+//     on them), and the threads meet at 5 barriers per layer instead of forking and joining a
+//     team for each of 5 products (a team wake-up costs ~20 us with OMP_WAIT_POLICY=passive, a
+//     barrier about half; measured on the 2-core dev machine).
 #include <omp.h>
 
 #include <iterator>
-#include <memory>
 
 #include "model/arch.h"
 #include "model/ops.h"
@@ -82,61 +81,44 @@ void add_columns(float* x, const float* y, int64_t n, int64_t ld, const RowRange
   }
 }
 
-// The dealers of one decode pass: one per product of each layer, set before the team starts.
-enum Product { Q, K, V, OUT, GATE_UP, DOWN, N_PRODUCTS };
-
 void hidden_team(const ModelImpl& m, const Batch& b, float* x, Activations& a) {
   const ModelConfig& c = m.config;
   const int64_t n = b.n_rows, d = c.n_embd, ff = c.n_ff, kv = c.kv_dim(), n_pairs = c.rope_dim / 2;
   const int64_t layer_macs = n * (2 * d * d + 2 * d * kv + 3 * d * ff);
-  const bool parallel = layer_macs >= PARALLEL_MIN_LAYER_MACS;
-  const int n_team = parallel ? omp_get_max_threads() : 1;
-  const int64_t n_rows[N_PRODUCTS] = {d, kv, kv, d, ff, d};
-  const std::unique_ptr<RowDealer[]> dealers = ops::make_dealers(c.n_layer, n_rows, n_team);
-#pragma omp parallel if (parallel)
+#pragma omp parallel if (layer_macs >= PARALLEL_MIN_LAYER_MACS)
   {
     const ops::TeamPass team;  // store_kv and attention below are shared by the team
+    const int t = omp_get_thread_num(), n_threads = omp_get_num_threads();
     float* h = ops::thread_scratch(1, static_cast<size_t>(2 * n * d));  // [n][d] this thread's normalized input
-    float* y = h + n * d;                                               // [n][d] its chunks of a block output
-    RowRange rows;
+    float* y = h + n * d;                                               // [n][d] its share of a block output
+    RowRange rows[3];
     for (int32_t il = 0; il < c.n_layer; ++il) {
       const LayerWeights& L = m.layers[static_cast<size_t>(il)];
-      RowDealer* deal = &dealers[static_cast<size_t>(il) * N_PRODUCTS];
       // x is complete here (after a barrier): every thread normalizes it for itself.
       ops::rms_norm(x, h, n, d, L.attn_norm_w.data(), c.norm_eps);
-      // Chunks of q, k and v, each rotated by the thread that computed it (even boundaries).
-      const MatmulTarget q[] = {{L.attn_q, a.q}}, k[] = {{L.attn_k, a.k}}, v[] = {{L.attn_v, a.v}};
-      while (deal[Q].next(&rows)) {
-        matmul_many_rows(q, h, n, rows);
-        for (int64_t r = 0; r < n; ++r) ops::rope_range(a.q + r * d, rows.r0, rows.r1, c.head_dim, c.rope_dim, a.rot + r * n_pairs * 2);
+      const MatmulTarget qkv[] = {{L.attn_q, a.q}, {L.attn_k, a.k}, {L.attn_v, a.v}};
+      matmul_many_part(qkv, h, n, t, n_threads, rows);
+      for (int64_t r = 0; r < n; ++r) {  // rotate this thread's q and k columns (even boundaries)
+        ops::rope_range(a.q + r * d, rows[0].r0, rows[0].r1, c.head_dim, c.rope_dim, a.rot + r * n_pairs * 2);
+        ops::rope_range(a.k + r * kv, rows[1].r0, rows[1].r1, c.head_dim, c.rope_dim, a.rot + r * n_pairs * 2);
       }
-      while (deal[K].next(&rows)) {
-        matmul_many_rows(k, h, n, rows);
-        for (int64_t r = 0; r < n; ++r) ops::rope_range(a.k + r * kv, rows.r0, rows.r1, c.head_dim, c.rope_dim, a.rot + r * n_pairs * 2);
-      }
-      while (deal[V].next(&rows)) matmul_many_rows(v, h, n, rows);
 #pragma omp barrier
       store_kv(b, il, a.k, a.v);     // shared by the team, then a barrier
       attention(b, il, a.q, a.att);  // shared by the team, then a barrier
       const MatmulTarget out[] = {{L.attn_out, y}};
-      while (deal[OUT].next(&rows)) {
-        matmul_many_rows(out, a.att, n, rows);
-        add_columns(x, y, n, d, rows);
-      }
+      matmul_many_part(out, a.att, n, t, n_threads, rows);
+      add_columns(x, y, n, d, rows[0]);
 #pragma omp barrier
 
       ops::rms_norm(x, h, n, d, L.ffn_norm_w.data(), c.norm_eps);
-      const MatmulTarget gate_up[] = {{L.ffn_gate, a.gate}, {L.ffn_up, a.up}};
-      while (deal[GATE_UP].next(&rows)) {
-        matmul_many_rows(gate_up, h, n, rows);
-        for (int64_t r = 0; r < n; ++r) silu_mul(a.gate + r * ff + rows.r0, a.up + r * ff + rows.r0, rows.r1 - rows.r0);
-      }
+      const MatmulTarget gate[] = {{L.ffn_gate, a.gate}}, up[] = {{L.ffn_up, a.up}};
+      matmul_many_part(gate, h, n, t, n_threads, rows);
+      matmul_many_part(up, h, n, t, n_threads, rows + 1);  // the same rows as gate's
+      for (int64_t r = 0; r < n; ++r) silu_mul(a.gate + r * ff + rows[0].r0, a.up + r * ff + rows[0].r0, rows[0].r1 - rows[0].r0);
 #pragma omp barrier
       const MatmulTarget down[] = {{L.ffn_down, y}};
-      while (deal[DOWN].next(&rows)) {
-        matmul_many_rows(down, a.gate, n, rows);
-        add_columns(x, y, n, d, rows);
-      }
+      matmul_many_part(down, a.gate, n, t, n_threads, rows);
+      add_columns(x, y, n, d, rows[0]);
 #pragma omp barrier
     }
   }

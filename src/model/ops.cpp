@@ -128,13 +128,6 @@ namespace {
 thread_local bool in_team_pass = false;
 }  // namespace
 
-std::unique_ptr<RowDealer[]> make_dealers(int32_t n_layer, std::span<const int64_t> n_rows, int n_team) {
-  const size_t n_products = n_rows.size();
-  std::unique_ptr<RowDealer[]> dealers(new RowDealer[static_cast<size_t>(n_layer) * n_products]);
-  for (size_t i = 0; i < static_cast<size_t>(n_layer) * n_products; ++i) dealers[i].set(n_rows[i % n_products], n_team);
-  return dealers;
-}
-
 TeamPass::TeamPass() : saved_(in_team_pass) { in_team_pass = true; }
 TeamPass::~TeamPass() { in_team_pass = saved_; }
 bool TeamPass::active() { return in_team_pass; }

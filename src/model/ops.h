@@ -5,10 +5,6 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <memory>
-#include <span>
-
-#include "tensor/kernels.h"
 
 namespace backprompt::ops {
 
@@ -47,10 +43,6 @@ float* thread_scratch(int slot, size_t n);
 // forward pass in one parallel region (the decode schedule of llama.cpp and gpt2.cpp): store_kv()
 // and attention() then share their work with that team (every member must call them) instead
 // of running alone or opening a parallel region of their own.
-// The RowDealers of one decode pass: n_layer groups of n_rows.size() (one per product of a
-// layer, product i dealing n_rows[i] rows), set for a team of n_team threads.
-std::unique_ptr<RowDealer[]> make_dealers(int32_t n_layer, std::span<const int64_t> n_rows, int n_team);
-
 class TeamPass {
  public:
   TeamPass();

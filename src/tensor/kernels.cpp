@@ -63,6 +63,9 @@ std::atomic<const KernelIsa*>& isa_current() {
 // Products matmul_many takes at once (q, k, v).
 constexpr size_t MAX_TARGETS = 8;
 
+// Below this many multiply-adds a call runs on the calling thread: waking the team costs more.
+constexpr int64_t PARALLEL_MIN_MACS = 1 << 16;
+
 // Trivial shapes shared by both strategies. Returns true when y is done.
 bool matmul_trivial(const MatrixView& w, const float* x, int64_t n, float* y) {
   BP_ASSERT(n >= 0 && w.n_in >= 0 && w.n_out >= 0);
@@ -113,8 +116,7 @@ void matmul_fused_many(std::span<const MatmulTarget> targets, const float* x, in
 
 void matmul_gemm(const MatrixView& w, const float* x, int64_t n, float* y) {
   if (matmul_trivial(w, x, n, y)) return;
-  const MatmulTarget target{w, y};
-  if (gemm_bf16(std::span<const MatmulTarget>(&target, 1), x, n)) return;
+  if (gemm_bf16(w, x, n, y)) return;
   // Each thread takes a contiguous range of weight rows (output columns) and walks it in
   // panels: f32 weights are used in place, others dequantized into the thread's own scratch;
   // then a single-threaded sgemm per panel (oneDNN runs sequentially inside our parallel
@@ -188,40 +190,10 @@ void matmul_many_part(std::span<const MatmulTarget> targets, const float* x, int
   }
 }
 
-void matmul_many_rows(std::span<const MatmulTarget> targets, const float* x, int64_t n, RowRange rows) {
-  const detail::KernelIsa& isa = detail::kernel_isa();
-  for (const MatmulTarget& target : targets) {
-    const MatrixView& w = target.w;
-    BP_ASSERT(rows.r0 >= 0 && rows.r0 <= rows.r1 && rows.r1 <= w.n_out);
-    if (n == 0 || rows.r0 == rows.r1) continue;
-    if (w.n_in == 0) {  // an empty sum
-      for (int64_t j = 0; j < n; ++j) std::fill(target.y + j * w.n_out + rows.r0, target.y + j * w.n_out + rows.r1, 0.0f);
-      continue;
-    }
-    BP_ASSERT(w.n_in % dtype_block_size(w.type) == 0 && x != nullptr && target.y != nullptr && w.data != nullptr);
-    isa.matvec(w, x, n, target.y, rows.r0, rows.r1);
-  }
-}
-
-void RowDealer::set(int64_t n_rows, int n_threads, int chunks_per_thread) {
-  n_rows_ = n_rows;
-  const int64_t n_chunks = std::max<int64_t>(1, int64_t{n_threads} * chunks_per_thread);
-  chunk_ = std::max<int64_t>(16, (n_rows + n_chunks - 1) / n_chunks + 15) / 16 * 16;
-  next_.store(0, std::memory_order_relaxed);
-}
-
-bool RowDealer::next(RowRange* rows) {
-  if (next_.load(std::memory_order_relaxed) >= n_rows_) return false;  // spare the cache line
-  const int64_t r0 = next_.fetch_add(chunk_, std::memory_order_relaxed);
-  if (r0 >= n_rows_) return false;
-  *rows = {r0, std::min(n_rows_, r0 + chunk_)};
-  return true;
-}
-
 void matmul_many(std::span<const MatmulTarget> targets, const float* x, int64_t n) {
   if (n <= MATMUL_FUSED_MAX_N) {
     detail::matmul_fused_many(targets, x, n);
-  } else if (!detail::gemm_bf16(targets, x, n)) {
+  } else {
     for (const MatmulTarget& t : targets) detail::matmul_gemm(t.w, x, n, t.y);
   }
 }

@@ -8,7 +8,6 @@
 // every fast path has a portable one.
 #pragma once
 
-#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <span>
@@ -55,24 +54,6 @@ struct RowRange {
 };
 void matmul_many_part(std::span<const MatmulTarget> targets, const float* x, int64_t n, int t, int n_threads,
                       RowRange* rows);
-
-// Rows [rows.r0, rows.r1) of every target's product (all targets have the same n_out), for every
-// activation row, on the calling thread (decode-sized n: fused kernels).
-void matmul_many_rows(std::span<const MatmulTarget> targets, const float* x, int64_t n, RowRange rows);
-
-// Hands out chunks of rows [0, n_rows) to the threads of a team, first come first served: a
-// thread that runs faster (or is not interrupted) takes more chunks, so the team arrives at its
-// next barrier together. Chunks are multiples of 16 rows (even boundaries, whole cache lines of
-// f32 outputs). set() it before the team starts on it (with a barrier in between).
-class RowDealer {
- public:
-  // Chunks of about n_rows / (chunks_per_thread * n_threads) rows.
-  void set(int64_t n_rows, int n_threads, int chunks_per_thread = 8);
-  bool next(RowRange* rows);  // false when every chunk has been taken
- private:
-  alignas(64) std::atomic<int64_t> next_{0};
-  int64_t n_rows_ = 0, chunk_ = 16;
-};
 
 // dst[n_in] = row r of W as f32 (embedding lookup).
 void matrix_get_row(const MatrixView& w, int64_t r, float* dst);
