@@ -2,20 +2,22 @@
 // they are bf16 already, weights rounded to bf16) moves logits from the exact f32 arithmetic, on
 // one model and its own weights (f32, f16, bf16 or q8_0).
 //
-//   bench_precision MODEL [-n TOKENS] [--text FILE] [--bf16-weights]
+//   bench_precision MODEL [-n TOKENS] [--text FILE] [--weights f16|bf16|q8_0]
 //
-// --bf16-weights first converts the model's 2-D f32/f16 tensors to a bf16 copy (in the system's
-// temp directory) and measures that, so that both runs use the same bf16 weights and differ only
-// in the activations' rounding. The prompt is the text (tokenized) or random tokens; all
-// positions' logits are compared. Prints, over all positions: max |diff|, max |logit|, their
-// ratio (the runtime tests allow 1e-4), mean |diff|, and how often the argmax (greedy next
-// token) agrees.
+// --weights first converts the model's 2-D f32/f16/bf16 tensors to that type (a copy in the
+// system's temp directory) and measures the copy, e.g. a trained f32 model (stories260K) as
+// q8_0. Both runs always use the same weights; they differ only in the arithmetic. With bf16
+// weights, only the activations' rounding remains. The prompt is the text (tokenized) or random
+// tokens; all positions' logits are compared. Prints, over all positions: max |diff|,
+// max |logit|, their ratio (the runtime tests allow 1e-4), mean |diff|, and how often the argmax
+// (greedy next token) agrees.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <random>
 #include <sstream>
 #include <string>
@@ -31,19 +33,32 @@ namespace bp = backprompt;
 
 namespace {
 
-// A copy of `src` whose 2-D f32/f16 tensors are bf16 (rounded to nearest even).
-std::string bf16_copy(const std::string& src) {
+// llama.cpp's general.file_type (LLAMA_FTYPE_MOSTLY_*) for a file whose matrices are `t`.
+uint32_t llama_file_type(bp::DType t) {
+  switch (t) {
+    case bp::DType::F32: return 0;
+    case bp::DType::F16: return 1;
+    case bp::DType::Q8_0: return 7;
+    case bp::DType::BF16: return 32;
+  }
+  return 0;
+}
+
+// A copy of `src` whose 2-D f32/f16/bf16 tensors (rows a multiple of the block size) are of type
+// `to` (rounded to nearest even, or quantized).
+std::string converted_copy(const std::string& src, bp::DType to) {
   const std::unique_ptr<bp::gguf::File> f = bp::gguf::File::open(src);
   bp::gguf::Writer w;
   for (const bp::gguf::KeyValue& kv : f->metadata()) {
     if (kv.key != "general.file_type") w.copy_kv(kv);
   }
-  w.set_u32("general.file_type", 32);  // llama.cpp's MOSTLY_BF16
+  w.set_u32("general.file_type", llama_file_type(to));
   for (const bp::gguf::TensorInfo& t : f->tensors()) {
-    const bool convert = t.ne.size() == 2 && (t.type == bp::DType::F32 || t.type == bp::DType::F16);
-    const bp::DType type = convert ? bp::DType::BF16 : t.type;
+    const bool convert = t.ne.size() == 2 && t.ne[0] % bp::dtype_block_size(to) == 0 &&
+                         (t.type == bp::DType::F32 || t.type == bp::DType::F16 || t.type == bp::DType::BF16);
+    const bp::DType type = convert ? to : t.type;
     const bp::gguf::TensorInfo* info = &t;
-    w.add_tensor(t.name, type, t.ne, [info, convert](std::span<uint8_t> out) {
+    w.add_tensor(t.name, type, t.ne, [info, convert, to](std::span<uint8_t> out) {
       if (!convert) {
         std::copy(info->data, info->data + info->n_bytes, out.begin());
         return;
@@ -52,12 +67,13 @@ std::string bf16_copy(const std::string& src) {
       std::vector<float> row(static_cast<size_t>(n_in));  // [n_in]
       for (int64_t r = 0; r < n_rows; ++r) {
         bp::dequantize_row(info->type, info->data + r * bp::dtype_row_bytes(info->type, n_in), row.data(), n_in);
-        bp::quantize_row(bp::DType::BF16, row.data(), out.data() + r * bp::dtype_row_bytes(bp::DType::BF16, n_in), n_in);
+        bp::quantize_row(to, row.data(), out.data() + r * bp::dtype_row_bytes(to, n_in), n_in);
       }
     });
   }
-  const std::string path =
-      (std::filesystem::temp_directory_path() / (std::filesystem::path(src).stem().string() + "-bf16.gguf")).string();
+  const std::string path = (std::filesystem::temp_directory_path() /
+                            (std::filesystem::path(src).stem().string() + "-" + bp::dtype_name(to) + ".gguf"))
+                               .string();
   w.write(path);
   return path;
 }
@@ -72,20 +88,24 @@ std::vector<float> all_logits(const bp::Model& m, const std::vector<int32_t>& to
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    std::fprintf(stderr, "usage: bench_precision MODEL [-n TOKENS] [--text FILE] [--bf16-weights]\n");
+    std::fprintf(stderr, "usage: bench_precision MODEL [-n TOKENS] [--text FILE] [--weights f16|bf16|q8_0]\n");
     return 2;
   }
   std::string path = argv[1], text_path;
   int n_tokens = 256;
-  bool bf16_weights = false;
+  std::optional<bp::DType> weights;  // convert to this type first
   for (int i = 2; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "-n" && i + 1 < argc) {
       n_tokens = std::atoi(argv[++i]);
     } else if (a == "--text" && i + 1 < argc) {
       text_path = argv[++i];
-    } else if (a == "--bf16-weights") {
-      bf16_weights = true;
+    } else if (a == "--weights" && i + 1 < argc) {
+      weights = bp::dtype_from_name(argv[++i]);
+      if (!weights || *weights == bp::DType::F32) {
+        std::fprintf(stderr, "bench_precision: --weights takes f16, bf16 or q8_0\n");
+        return 2;
+      }
     } else {
       std::fprintf(stderr, "bench_precision: unknown or incomplete argument %s\n", a.c_str());
       return 2;
@@ -97,8 +117,8 @@ int main(int argc, char** argv) {
       return 0;
     }
     std::shared_ptr<bp::Model> model = bp::Model::load(path);
-    if (bf16_weights && model->weight_type_name() != "bf16") {
-      path = bf16_copy(path);
+    if (weights) {
+      path = converted_copy(path, *weights);
       model = bp::Model::load(path);
     }
     const bp::ModelConfig& c = model->config();

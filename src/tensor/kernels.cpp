@@ -6,9 +6,10 @@
 //   larger n (prefill, batches): oneDNN sgemm (compute-bound). Each thread takes a contiguous
 //     range of weight rows and multiplies it with its own single-threaded sgemm calls: f32
 //     weights in place, other types dequantized panel by panel into the thread's scratch. No
-//     synchronisation between panels; measured on the 2-core dev machine, llama-110m pp512: 1.6x
+//     synchronisation between panels; measured on a 2-core machine, llama-110m pp512: 1.6x
 //     faster than one 2-thread sgemm per f32 matrix, and than parallel dequantize + sgemm per panel.
-//     Under MatmulPrecision::BF16, bf16 weights go to oneDNN's bf16 matmul instead.
+//     Under MatmulPrecision::BF16, every weight type goes to oneDNN's bf16 matmul instead, split
+//     the same way (kernels_gemm_bf16.cpp).
 //
 // Threads: everything uses the OpenMP team (libgomp, shared with oneDNN). oneDNN is only called
 // outside our parallel regions (it brings its own team) or inside one (it runs sequentially:
@@ -63,9 +64,6 @@ std::atomic<const KernelIsa*>& isa_current() {
 // Products matmul_many takes at once (q, k, v).
 constexpr size_t MAX_TARGETS = 8;
 
-// Below this many multiply-adds a call runs on the calling thread: waking the team costs more.
-constexpr int64_t PARALLEL_MIN_MACS = 1 << 16;
-
 // Trivial shapes shared by both strategies. Returns true when y is done.
 bool matmul_trivial(const MatrixView& w, const float* x, int64_t n, float* y) {
   BP_ASSERT(n >= 0 && w.n_in >= 0 && w.n_out >= 0);
@@ -116,7 +114,8 @@ void matmul_fused_many(std::span<const MatmulTarget> targets, const float* x, in
 
 void matmul_gemm(const MatrixView& w, const float* x, int64_t n, float* y) {
   if (matmul_trivial(w, x, n, y)) return;
-  if (gemm_bf16(w, x, n, y)) return;
+  const MatmulTarget target{w, y};
+  if (gemm_bf16(std::span<const MatmulTarget>(&target, 1), x, n)) return;
   // Each thread takes a contiguous range of weight rows (output columns) and walks it in
   // panels: f32 weights are used in place, others dequantized into the thread's own scratch;
   // then a single-threaded sgemm per panel (oneDNN runs sequentially inside our parallel
@@ -193,7 +192,7 @@ void matmul_many_part(std::span<const MatmulTarget> targets, const float* x, int
 void matmul_many(std::span<const MatmulTarget> targets, const float* x, int64_t n) {
   if (n <= MATMUL_FUSED_MAX_N) {
     detail::matmul_fused_many(targets, x, n);
-  } else {
+  } else if (!detail::gemm_bf16(targets, x, n)) {
     for (const MatmulTarget& t : targets) detail::matmul_gemm(t.w, x, n, t.y);
   }
 }

@@ -101,15 +101,17 @@ void silu_mul(float* gate, const float* up, int64_t n);
 // x[i] = GELU(x[i]), tanh approximation (GPT-2): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
 void gelu_tanh(float* x, int64_t n);
 
-// Arithmetic matmul() may use for prefill-sized products (more than a few activation rows;
+// Arithmetic matmul() and matmul_many() may use for prefill-sized products (n > MATMUL_FUSED_MAX_N;
 // decode-sized products are always exact):
 //   EXACT (default): f32 multiplies and sums on exactly converted weights; logits agree with an
 //     f32 reference within 1e-4 relative.
-//   BF16: for bf16 weights only, activations rounded to bf16 and oneDNN's bf16 GEMM (f32 sums),
-//     about 2x the f32 GEMM's throughput, where the CPU does bf16 natively (AVX512_BF16, AMX;
-//     elsewhere, and for other weight types, matmul stays exact). Not exact: rounding the
-//     activations moves logits by up to ~1% of the largest one (0.3-0.8% measured, argmax kept at
-//     97-100% of positions: bench/SPEED.md), far outside the 1e-4 the runtime is tested to.
+//   BF16: for every weight type, the activations (once per call) and the weights (f32, f16 and
+//     q8_0 panel by panel into per-thread scratch; bf16 used in place) are rounded to bf16, then
+//     multiplied with oneDNN's bf16 GEMM (f32 sums): about 2x the f32 GEMM's throughput where the
+//     CPU does bf16 natively (AVX512_BF16, AMX; elsewhere matmul stays exact). Not exact: logits
+//     move by up to ~1% of the largest one (0.4-1.2% measured on stories260K, llama-110m and
+//     tinyllama-1.1b, argmax kept at 95-99.5% of positions: bench/SPEED.md), far outside the 1e-4
+//     the runtime is tested to.
 // The initial value comes from env BACKPROMPT_MATMUL ("bf16"; anything else: exact).
 // Process-wide; do not change it while kernels are running.
 enum class MatmulPrecision { EXACT, BF16 };

@@ -6,7 +6,8 @@
 //      matmul (f32 accumulation) on it by itself (oneDNN runs sequentially inside our parallel
 //      region): bf16 weights straight from the mmap (GGUF's W[n_out][n_in] is oneDNN's
 //      {n_in, n_out} weights matrix in its "ba" layout, nothing copied), other types rounded to
-//      bf16 panel by panel into the thread's own scratch. No synchronisation until the end.
+//      bf16 panel by panel into the thread's own scratch (f32, f16, q8_0 in one pass each with
+//      AVX512_BF16's conversion). No synchronisation until the end.
 // One primitive per n_in, with the numbers of activation rows and weight rows given at run time
 // (DNNL_RUNTIME_DIM_VAL), created on first use and kept. The f32 path (kernels.cpp) is built the
 // same way, for the same reason: on the 2-core dev machine one 2-thread oneDNN bf16 matmul over
@@ -21,13 +22,13 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
-#include <cstring>
 #include <dnnl.hpp>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 #include <vector>
 
 #include "backprompt/error.h"
@@ -61,29 +62,76 @@ bool native_bf16() {
   return ok;
 }
 
+// Rounding rows to bf16 (nearest even). AVX512_BF16's conversion instruction: only called when
+// native_bf16(), which implies it. It treats denormal inputs as zero (so do the bf16 dot products
+// that follow); the scalar tails round them.
 #if defined(__x86_64__)
-// dst[i] = bf16(src[i]), round to nearest even (finite inputs). AVX-512: only called when
-// native_bf16(), which implies it.
-__attribute__((target("avx512f,avx512bw"))) void round_to_bf16(const float* src, uint16_t* dst, int64_t n) {
-  const __m512i lsb = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
+#define BP_TARGET_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
+
+// 32 f32 values (lo: the first 16) as 32 bf16 at dst.
+BP_TARGET_BF16 inline void store_bf16x32(uint16_t* dst, __m512 lo, __m512 hi) {
+  _mm512_storeu_si512(dst, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+}
+
+// dst[n] = bf16(src[n]).
+BP_TARGET_BF16 void round_to_bf16(const float* src, uint16_t* dst, int64_t n) {
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m512i u = _mm512_castps_si512(_mm512_loadu_ps(src + i));
-    const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(u, 16), lsb)));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
-  }
+  for (; i + 32 <= n; i += 32) store_bf16x32(dst + i, _mm512_loadu_ps(src + i), _mm512_loadu_ps(src + i + 16));
   for (; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
+}
+
+// dst[n] = bf16(row of f16 values src[n]); n a multiple of 32 (else: false, nothing done).
+BP_TARGET_BF16 bool f16_to_bf16(const uint16_t* src, uint16_t* dst, int64_t n) {
+  if (n % 32 != 0) return false;
+  for (int64_t i = 0; i < n; i += 32) {
+    store_bf16x32(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))),
+                  _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i + 16))));
+  }
+  return true;
+}
+
+// dst[n] = bf16(d * q) of n / 32 q8_0 blocks (d * q is exact in f32: one rounding).
+BP_TARGET_BF16 void q8_0_to_bf16(const BlockQ8_0* src, uint16_t* dst, int64_t n) {
+  for (int64_t b = 0; b < n / Q8_0_BLOCK; ++b) {
+    const __m512 d = _mm512_cvtph_ps(_mm256_set1_epi16(static_cast<short>(src[b].d)));
+    const __m512i q0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src[b].q)));
+    const __m512i q1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src[b].q + 16)));
+    store_bf16x32(dst + b * Q8_0_BLOCK, _mm512_mul_ps(d, _mm512_cvtepi32_ps(q0)), _mm512_mul_ps(d, _mm512_cvtepi32_ps(q1)));
+  }
 }
 #else
 void round_to_bf16(const float* src, uint16_t* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
 }
+bool f16_to_bf16(const uint16_t*, uint16_t*, int64_t) { return false; }
+void q8_0_to_bf16(const BlockQ8_0* src, uint16_t* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = f32_to_bf16(f16_to_f32(src[i / Q8_0_BLOCK].d) * src[i / Q8_0_BLOCK].q[i % Q8_0_BLOCK]);
+}
 #endif
+
+// dst[n_in] = row r of w rounded to bf16 (w not bf16); tmp: [n_in] floats of scratch.
+void weight_row_to_bf16(const KernelIsa& isa, const MatrixView& w, int64_t r, uint16_t* dst, float* tmp) {
+  switch (w.type) {
+    case DType::F32:
+      round_to_bf16(reinterpret_cast<const float*>(w.row(r)), dst, w.n_in);
+      return;
+    case DType::Q8_0:
+      q8_0_to_bf16(reinterpret_cast<const BlockQ8_0*>(w.row(r)), dst, w.n_in);
+      return;
+    case DType::F16:
+      if (f16_to_bf16(reinterpret_cast<const uint16_t*>(w.row(r)), dst, w.n_in)) return;
+      break;
+    default:
+      break;
+  }
+  isa.dequantize_row(w.type, w.row(r), tmp, w.n_in);
+  round_to_bf16(tmp, dst, w.n_in);
+}
 
 // Weight rows rounded to bf16 per oneDNN call when the weights are not bf16: about 4 MiB, at
 // least 64 rows, a multiple of 16. Every call packs all the activations anew, so panels must be
 // wide: on the dev machine (llama-110m and tinyllama shapes, 512 rows, q8_0 weights) panels of
-// 256 KiB ran at 80% of the bf16-weights speed, 1 MiB at 92%, 4 MiB at 98%, 16 MiB no better.
+// 256 KiB ran at 86% of the bf16-weights speed, 1 MiB at 95%, 4 MiB at 98%, 16 MiB no better.
 int64_t bf16_panel_rows(int64_t n_in) {
   const int64_t rows = ((int64_t{4} << 20) / (n_in * int64_t{sizeof(uint16_t)})) / 16 * 16;
   return std::max<int64_t>(64, rows);
@@ -142,9 +190,12 @@ void run_bf16_matmul(const Bf16Matmul& m, dnnl::stream& stream, const uint16_t* 
   const memory wei(memory::desc({n_in, n_rows}, memory::data_type::bf16, memory::format_tag::ba), engine,
                    const_cast<void*>(wb));  // read only
   const memory dst(memory::desc({n, n_rows}, memory::data_type::f32, memory::dims{ld_y, 1}), engine, y);
-  const memory scr(memory::desc({static_cast<memory::dim>(m.scratch_bytes)}, memory::data_type::u8, memory::format_tag::a),
-                   engine, scratch);
-  m.prim.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst}, {DNNL_ARG_SCRATCHPAD, scr}});
+  std::unordered_map<int, dnnl::memory> args{{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst}};
+  if (m.scratch_bytes > 0) {
+    args[DNNL_ARG_SCRATCHPAD] = memory(
+        memory::desc({static_cast<memory::dim>(m.scratch_bytes)}, memory::data_type::u8, memory::format_tag::a), engine, scratch);
+  }
+  m.prim.execute(stream, args);
   stream.wait();
 }
 
@@ -203,14 +254,7 @@ bool gemm_bf16(std::span<const MatmulTarget> targets, const float* x, int64_t n)
         row_f32.resize(static_cast<size_t>(n_in));
         for (int64_t r0 = r_begin; r0 < r_end; r0 += panel_rows) {
           const int64_t n_rows = std::min(panel_rows, r_end - r0);
-          for (int64_t r = 0; r < n_rows; ++r) {
-            const float* src = reinterpret_cast<const float*>(w.row(r0 + r));
-            if (w.type != DType::F32) {
-              isa.dequantize_row(w.type, w.row(r0 + r), row_f32.data(), n_in);
-              src = row_f32.data();
-            }
-            round_to_bf16(src, panel.data() + r * n_in, n_in);
-          }
+          for (int64_t r = 0; r < n_rows; ++r) weight_row_to_bf16(isa, w, r0 + r, panel.data() + r * n_in, row_f32.data());
           run_bf16_matmul(*prim, stream, xb, n, n_in, panel.data(), n_rows, targets[i].y + r0, w.n_out, dnnl_scratch.data());
         }
       }
