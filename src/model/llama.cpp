@@ -6,7 +6,7 @@
 //     pass. Each thread computes its share of every matrix's output rows (and the row-wise work
 //     on them), and the threads meet at 5 barriers per layer instead of forking and joining a
 //     team for each of 5 products (a team wake-up costs ~20 us with OMP_WAIT_POLICY=passive, a
-//     barrier about half; measured on the 2-core dev machine).
+//     barrier about half; measured on a 2-core AVX-512 machine).
 #include <omp.h>
 
 #include <iterator>

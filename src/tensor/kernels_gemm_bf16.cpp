@@ -10,7 +10,7 @@
 //      AVX512_BF16's conversion). No synchronisation until the end.
 // One primitive per n_in, with the numbers of activation rows and weight rows given at run time
 // (DNNL_RUNTIME_DIM_VAL), created on first use and kept. The f32 path (kernels.cpp) is built the
-// same way, for the same reason: on the 2-core dev machine one 2-thread oneDNN bf16 matmul over
+// same way, for the same reason: on a 2-core AVX-512 machine one 2-thread oneDNN bf16 matmul over
 // 512 x 768 x 768 ran at ~340-430 GFLOP/s, two single-threaded ones over half the rows each at
 // ~750-840 (the bf16 GEMM's peak there is ~860); runtime dimensions cost nothing measurable.
 //
@@ -130,7 +130,7 @@ void weight_row_to_bf16(const KernelIsa& isa, const MatrixView& w, int64_t r, ui
 
 // Weight rows rounded to bf16 per oneDNN call when the weights are not bf16: about 4 MiB, at
 // least 64 rows, a multiple of 16. Every call packs all the activations anew, so panels must be
-// wide: on the dev machine (llama-110m and tinyllama shapes, 512 rows, q8_0 weights) panels of
+// wide: on a 2-core AVX-512 machine (llama-110m and tinyllama shapes, 512 rows, q8_0 weights) panels of
 // 256 KiB ran at 86% of the bf16-weights speed, 1 MiB at 95%, 4 MiB at 98%, 16 MiB no better.
 int64_t bf16_panel_rows(int64_t n_in) {
   const int64_t rows = ((int64_t{4} << 20) / (n_in * int64_t{sizeof(uint16_t)})) / 16 * 16;

@@ -67,7 +67,7 @@ MatmulPrecision matmul_precision();
 bool gemm_bf16(std::span<const MatmulTarget> targets, const float* x, int64_t n);
 
 // matmul() uses matmul_fused for n <= MATMUL_FUSED_MAX_N (kernels.h), matmul_gemm above. Measured
-// on the AVX-512 dev machine (2048 x 4096 weights, one thread): fused is 1.4-3x faster than
+// on a 2-core AVX-512 machine (2048 x 4096 weights, one thread): fused is 1.4-3x faster than
 // dequantize + sgemm up to n = 32 for every type, about even at n = 64 (f32), and sgemm wins
 // from n = 128 on.
 
