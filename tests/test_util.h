@@ -10,6 +10,7 @@
 #include <iterator>
 #include <map>
 #include <mutex>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -42,6 +43,23 @@ inline std::string temp_dir() {
     return std::string(d ? d : "/tmp");
   }();
   return dir;
+}
+
+// A fresh file name in temp_dir(): <stem>-<n><ext>, n counting up within the process.
+inline std::string fresh_temp_path(const std::string& stem, const std::string& ext) {
+  static std::atomic<int> counter{0};
+  return temp_dir() + "/" + stem + "-" + std::to_string(counter++) + ext;
+}
+
+// A whole file's bytes (empty if it cannot be read), and writing them back.
+inline std::vector<uint8_t> read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::vector<uint8_t>((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+inline void write_file(const std::string& path, std::span<const uint8_t> bytes) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
 }
 
 // A shell word that stands for `s` exactly.
