@@ -17,20 +17,10 @@
 #include "test_util.h"
 
 namespace bp = backprompt;
+using bp::testing::available_isas;
+using bp::testing::IsaRestore;
 
 namespace {
-
-std::vector<std::string> available_isas() {
-  std::vector<std::string> v = {"scalar"};
-  if (bp::detail::kernel_isa_avx2() != nullptr) v.push_back("avx2");
-  if (bp::detail::kernel_isa_avx512() != nullptr) v.push_back("avx512");
-  return v;
-}
-
-struct IsaRestore {
-  std::string saved = bp::kernels_isa();
-  ~IsaRestore() { bp::kernels_force_isa(saved); }
-};
 
 struct Case {
   int32_t head_dim, n_group, n_rows;

@@ -20,12 +20,15 @@
 #include "tensor/dtype.h"
 #include "tensor/kernels.h"
 #include "tensor/kernels_simd.h"
+#include "test_util.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
 
 namespace bp = backprompt;
+using bp::testing::available_isas;
+using bp::testing::IsaRestore;
 using bp::DType;
 
 namespace {
@@ -328,18 +331,6 @@ TEST(DType, Q8_0ErrorBound) {
 
 // ---------------------------------------------------------------------------------------------
 // Kernels: run a body under every instruction set this CPU can run, restoring the default.
-
-std::vector<std::string> available_isas() {
-  std::vector<std::string> v = {"scalar"};
-  if (bp::detail::kernel_isa_avx2() != nullptr) v.push_back("avx2");
-  if (bp::detail::kernel_isa_avx512() != nullptr) v.push_back("avx512");
-  return v;
-}
-
-struct IsaRestore {
-  std::string saved = bp::kernels_isa();
-  ~IsaRestore() { bp::kernels_force_isa(saved); }
-};
 
 TEST(Kernels, IsaSelection) {
   IsaRestore restore;

@@ -16,6 +16,8 @@
 
 #include "backprompt/model.h"
 #include "model/make_model.h"
+#include "tensor/kernels.h"
+#include "tensor/kernels_simd.h"
 
 namespace backprompt::testing {
 
@@ -61,6 +63,20 @@ inline void write_file(const std::string& path, std::span<const uint8_t> bytes) 
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
 }
+
+// The kernel instruction sets this CPU can run ("scalar" first, the best last), for tests that
+// run a body under each (kernels_force_isa); IsaRestore puts the chosen one back.
+inline std::vector<std::string> available_isas() {
+  std::vector<std::string> v = {"scalar"};
+  if (detail::kernel_isa_avx2() != nullptr) v.push_back("avx2");
+  if (detail::kernel_isa_avx512() != nullptr) v.push_back("avx512");
+  return v;
+}
+
+struct IsaRestore {
+  std::string saved = kernels_isa();
+  ~IsaRestore() { kernels_force_isa(saved); }
+};
 
 // A shell word that stands for `s` exactly.
 inline std::string shell_quote(const std::string& s) {

@@ -121,14 +121,11 @@ void matmul_gemm(const MatrixView& w, const float* x, int64_t n, float* y) {
   // then a single-threaded sgemm per panel (oneDNN runs sequentially inside our parallel
   // region). No synchronisation until the end.
   const KernelIsa& isa = kernel_isa();
-  constexpr int64_t ROW_UNIT = 16;
-  const int64_t n_units = (w.n_out + ROW_UNIT - 1) / ROW_UNIT;
   std::atomic<bool> failed{false};
-#pragma omp parallel if (n * w.n_in * w.n_out >= PARALLEL_MIN_MACS && n_units > 1)
+#pragma omp parallel if (n * w.n_in * w.n_out >= PARALLEL_MIN_MACS && w.n_out > 16)
   {
-    const int64_t n_threads = omp_get_num_threads(), t = omp_get_thread_num();
-    const int64_t r_begin = std::min(w.n_out, n_units * t / n_threads * ROW_UNIT);
-    const int64_t r_end = std::min(w.n_out, n_units * (t + 1) / n_threads * ROW_UNIT);
+    const RowRange mine = thread_rows(w.n_out, omp_get_thread_num(), omp_get_num_threads());
+    const int64_t r_begin = mine.r0, r_end = mine.r1;
     const bool in_place = w.type == DType::F32;
     const int64_t panel_rows = in_place ? r_end - r_begin : std::min(r_end - r_begin, gemm_block_rows(w.n_in));
     thread_local std::vector<float> scratch;  // [panel_rows][n_in] dequantized weights
@@ -169,16 +166,12 @@ void matmul(const MatrixView& w, const float* x, int64_t n, float* y) {
 
 void matmul_many_part(std::span<const MatmulTarget> targets, const float* x, int64_t n, int t, int n_threads,
                       RowRange* rows) {
-  // Each target's rows in units of 16 (threads write disjoint cache lines of y when y is 64-byte
-  // aligned), split evenly: thread t takes units [n_units * t / n_threads, n_units * (t+1) / n_threads).
-  constexpr int64_t ROW_UNIT = 16;
+  // Each target's rows split by detail::thread_rows.
   BP_ASSERT(targets.size() <= detail::MAX_TARGETS && t >= 0 && t < n_threads);
   const detail::KernelIsa& isa = detail::kernel_isa();
   for (size_t i = 0; i < targets.size(); ++i) {
     const MatrixView& w = targets[i].w;
-    const int64_t n_units = (w.n_out + ROW_UNIT - 1) / ROW_UNIT;
-    rows[i].r0 = std::min(w.n_out, n_units * t / n_threads * ROW_UNIT);
-    rows[i].r1 = std::min(w.n_out, n_units * (t + 1) / n_threads * ROW_UNIT);
+    rows[i] = detail::thread_rows(w.n_out, t, n_threads);
     if (n == 0 || w.n_out == 0 || rows[i].r0 == rows[i].r1) continue;
     if (w.n_in == 0) {  // an empty sum
       for (int64_t j = 0; j < n; ++j) std::fill(targets[i].y + j * w.n_out + rows[i].r0, targets[i].y + j * w.n_out + rows[i].r1, 0.0f);

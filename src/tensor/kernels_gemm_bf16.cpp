@@ -237,12 +237,10 @@ bool gemm_bf16(std::span<const MatmulTarget> targets, const float* x, int64_t n)
     try {
       dnnl_scratch.resize(prim->scratch_bytes);
       dnnl::stream stream(bf16_gemm().engine);
-      constexpr int64_t ROW_UNIT = 16;  // as matmul_gemm: threads write disjoint cache lines of y
       for (size_t i = 0; i < targets.size() && !failed.load(std::memory_order_relaxed); ++i) {
         const MatrixView& w = targets[i].w;
-        const int64_t n_units = (w.n_out + ROW_UNIT - 1) / ROW_UNIT;
-        const int64_t r_begin = std::min(w.n_out, n_units * t / n_threads * ROW_UNIT);
-        const int64_t r_end = std::min(w.n_out, n_units * (t + 1) / n_threads * ROW_UNIT);
+        const RowRange mine = thread_rows(w.n_out, t, n_threads);  // as matmul_gemm
+        const int64_t r_begin = mine.r0, r_end = mine.r1;
         if (r_begin == r_end) continue;
         if (w.type == DType::BF16) {
           run_bf16_matmul(*prim, stream, xb, n, n_in, w.row(r_begin), r_end - r_begin, targets[i].y + r_begin, w.n_out,

@@ -6,6 +6,7 @@
 // without -march flags, and its table is only handed out when the running CPU supports it.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "tensor/kernels.h"
@@ -54,6 +55,14 @@ const KernelIsa& kernel_isa();
 void matmul_fused(const MatrixView& w, const float* x, int64_t n, float* y);
 void matmul_fused_many(std::span<const MatmulTarget> targets, const float* x, int64_t n);
 void matmul_gemm(const MatrixView& w, const float* x, int64_t n, float* y);
+
+// Thread t's share of n_rows output rows when n_threads split them: a contiguous range in units of
+// 16 rows (threads write disjoint cache lines of a 64-byte aligned y), units spread evenly.
+inline RowRange thread_rows(int64_t n_rows, int64_t t, int64_t n_threads) {
+  constexpr int64_t ROW_UNIT = 16;
+  const int64_t n_units = (n_rows + ROW_UNIT - 1) / ROW_UNIT;
+  return {std::min(n_rows, n_units * t / n_threads * ROW_UNIT), std::min(n_rows, n_units * (t + 1) / n_threads * ROW_UNIT)};
+}
 
 // Below this many multiply-adds a call runs on the calling thread: waking the team costs more.
 constexpr int64_t PARALLEL_MIN_MACS = 1 << 16;
