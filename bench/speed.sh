@@ -42,29 +42,11 @@ echo "== build (Release, ./build)"
 scripts/build.sh >"$out/speed-build.log" 2>&1 || { tail -30 "$out/speed-build.log"; echo "bench/speed.sh: build failed (log: $out/speed-build.log)" >&2; exit 1; }
 bp=build/backprompt
 
-vocab_dir=${BACKPROMPT_TEST_DATA:-$root/../shared/models}/ggml-vocab
-# model_file PRESET DTYPE: path of the cached model, made on first use.
-model_file() {
-  local preset=$1 dtype=$2 arch=llama vocab=ggml-vocab-llama-spm.gguf tag=spm
-  if [ "$preset" = gpt2-124m ]; then arch=gpt2 vocab=ggml-vocab-gpt-2.gguf tag=gpt2; fi
-  local vocab_arg=()
-  if [ -f "$vocab_dir/$vocab" ]; then vocab_arg=(--vocab "$vocab_dir/$vocab"); else tag=bytes; fi
-  local f=$models/$preset-$dtype-$tag.gguf
-  if [ ! -f "$f" ]; then
-    echo "   making $f" >&2
-    "$bp" make-model --arch "$arch" --preset "$preset" --dtype "$dtype" "${vocab_arg[@]}" --seed 1 -o "$f" >&2
-  fi
-  echo "$f"
-}
+. bench/models.sh
 
 runs=()  # "preset dtype label file env"
 for preset in $only; do
-  case $preset in
-    llama-110m) dtypes="f32 f16 bf16 q8_0" ;;
-    tinyllama-1.1b) dtypes="f32 f16 bf16 q8_0"; [ "${BENCH_SKIP_BIG:-0}" = 1 ] && dtypes="f16 bf16 q8_0" ;;
-    gpt2-124m) dtypes="f32 f16" ;;
-    *) echo "bench/speed.sh: unknown model $preset" >&2; exit 2 ;;
-  esac
+  dtypes=$(model_types "$preset") || exit 2
   echo "== models: $preset ($dtypes)"
   for dt in $dtypes; do
     f=$(model_file "$preset" "$dt")
