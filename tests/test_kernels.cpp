@@ -4,6 +4,8 @@
 //   - Q8_0 against its error bound and GGUF's byte layout;
 //   - matmul (both strategies, every type, every instruction set this CPU runs) against a scalar
 //     double-precision product of the dequantized weights, and exactly on small integers.
+#include <dnnl.h>
+#include <dnnl_debug.h>
 #include <gtest/gtest.h>
 #include <omp.h>
 
@@ -17,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "backprompt/error.h"
 #include "tensor/dtype.h"
 #include "tensor/kernels.h"
 #include "tensor/kernels_simd.h"
@@ -529,6 +532,33 @@ TEST(Kernels, MatmulAnyThreadCount) {
     }
   }
   omp_set_num_threads(saved);
+}
+
+TEST(Kernels, DnnlFailureNamesWhatWentWrong) {
+  bp::detail::DnnlFailure none;
+  EXPECT_FALSE(none.failed());
+
+  bp::detail::DnnlFailure oom;
+  oom.record(dnnl_out_of_memory);
+  oom.record(dnnl_runtime_error);  // the first failure is the one reported
+  ASSERT_TRUE(oom.failed());
+  try {
+    oom.raise("8 x 64 activations");
+    FAIL() << "raise() returned";
+  } catch (const bp::Error& e) {
+    EXPECT_EQ(e.code(), bp::ErrorCode::OUT_OF_MEMORY);
+    EXPECT_NE(std::string(e.what()).find("8 x 64 activations"), std::string::npos) << e.what();
+  }
+
+  bp::detail::DnnlFailure other;
+  other.record(dnnl_runtime_error);
+  try {
+    other.raise("8 x 64 activations");
+    FAIL() << "raise() returned";
+  } catch (const bp::Error& e) {
+    EXPECT_EQ(e.code(), bp::ErrorCode::UNSUPPORTED) << "not every oneDNN failure is a lack of memory";
+    EXPECT_NE(std::string(e.what()).find(dnnl_status2str(dnnl_runtime_error)), std::string::npos) << e.what();
+  }
 }
 
 TEST(Kernels, MatmulEmptyShapes) {

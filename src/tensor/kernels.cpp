@@ -17,6 +17,7 @@
 #include "tensor/kernels.h"
 
 #include <dnnl.h>
+#include <dnnl_debug.h>
 #include <omp.h>
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
@@ -121,7 +122,7 @@ void matmul_gemm(const MatrixView& w, const float* x, int64_t n, float* y) {
   // then a single-threaded sgemm per panel (oneDNN runs sequentially inside our parallel
   // region). No synchronisation until the end.
   const KernelIsa& isa = kernel_isa();
-  std::atomic<bool> failed{false};
+  DnnlFailure failure;
 #pragma omp parallel if (n * w.n_in * w.n_out >= PARALLEL_MIN_MACS && w.n_out > 16)
   {
     const RowRange mine = thread_rows(w.n_out, omp_get_thread_num(), omp_get_num_threads());
@@ -133,25 +134,35 @@ void matmul_gemm(const MatrixView& w, const float* x, int64_t n, float* y) {
       try {
         scratch.resize(static_cast<size_t>(panel_rows * w.n_in));
       } catch (const std::bad_alloc&) {
-        failed.store(true, std::memory_order_relaxed);
+        failure.record(dnnl_out_of_memory);
       }
     }
-    for (int64_t r0 = r_begin; r0 < r_end && !failed.load(std::memory_order_relaxed); r0 += panel_rows) {
+    for (int64_t r0 = r_begin; r0 < r_end && !failure.failed(); r0 += panel_rows) {
       const int64_t n_rows = std::min(panel_rows, r_end - r0);
       const float* panel = reinterpret_cast<const float*>(w.row(r0));
       if (!in_place) {
         for (int64_t r = 0; r < n_rows; ++r) isa.dequantize_row(w.type, w.row(r0 + r), scratch.data() + r * w.n_in, w.n_in);
         panel = scratch.data();
       }
-      if (dnnl_sgemm('N', 'T', n, n_rows, w.n_in, 1.0f, x, w.n_in, panel, w.n_in, 0.0f, y + r0, w.n_out) != dnnl_success) {
-        failed.store(true, std::memory_order_relaxed);
-      }
+      const dnnl_status_t st = dnnl_sgemm('N', 'T', n, n_rows, w.n_in, 1.0f, x, w.n_in, panel, w.n_in, 0.0f, y + r0, w.n_out);
+      if (st != dnnl_success) failure.record(st);
     }
   }
-  if (failed.load()) {
-    throw Error(ErrorCode::OUT_OF_MEMORY, "matmul: out of memory for " + std::to_string(n) + " x " + std::to_string(w.n_in) +
-                                              " activations times " + std::to_string(w.n_out) + " weight rows");
+  if (failure.failed()) {
+    failure.raise(std::to_string(n) + " x " + std::to_string(w.n_in) + " activations times " + std::to_string(w.n_out) +
+                  " weight rows (sgemm)");
   }
+}
+
+void DnnlFailure::record(int dnnl_status) {
+  int none = 0;
+  status_.compare_exchange_strong(none, dnnl_status, std::memory_order_relaxed);
+}
+
+void DnnlFailure::raise(const std::string& what) const {
+  const auto st = static_cast<dnnl_status_t>(status_.load(std::memory_order_relaxed));
+  if (st == dnnl_out_of_memory) throw Error(ErrorCode::OUT_OF_MEMORY, "matmul: out of memory for " + what);
+  throw Error(ErrorCode::UNSUPPORTED, "matmul: oneDNN failed (" + std::string(dnnl_status2str(st)) + ") on " + what);
 }
 
 }  // namespace detail

@@ -225,7 +225,7 @@ bool gemm_bf16(std::span<const MatmulTarget> targets, const float* x, int64_t n)
   }
   uint16_t* xb = xb_scratch.data();
   const KernelIsa& isa = kernel_isa();
-  std::atomic<bool> failed{false};
+  DnnlFailure failure;
 #pragma omp parallel if (n_macs >= PARALLEL_MIN_MACS)
   {
     const int64_t n_threads = omp_get_num_threads(), t = omp_get_thread_num();
@@ -237,7 +237,7 @@ bool gemm_bf16(std::span<const MatmulTarget> targets, const float* x, int64_t n)
     try {
       dnnl_scratch.resize(prim->scratch_bytes);
       dnnl::stream stream(bf16_gemm().engine);
-      for (size_t i = 0; i < targets.size() && !failed.load(std::memory_order_relaxed); ++i) {
+      for (size_t i = 0; i < targets.size() && !failure.failed(); ++i) {
         const MatrixView& w = targets[i].w;
         const RowRange mine = thread_rows(w.n_out, t, n_threads);  // as matmul_gemm
         const int64_t r_begin = mine.r0, r_end = mine.r1;
@@ -257,14 +257,12 @@ bool gemm_bf16(std::span<const MatmulTarget> targets, const float* x, int64_t n)
         }
       }
     } catch (const std::bad_alloc&) {
-      failed.store(true, std::memory_order_relaxed);
-    } catch (const dnnl::error&) {
-      failed.store(true, std::memory_order_relaxed);
+      failure.record(dnnl_out_of_memory);
+    } catch (const dnnl::error& e) {
+      failure.record(e.status);
     }
   }
-  if (failed.load()) {
-    throw Error(ErrorCode::OUT_OF_MEMORY, "matmul: out of memory in the bf16 GEMM (weight panels or oneDNN) on " + what);
-  }
+  if (failure.failed()) failure.raise(what + " (bf16 GEMM)");
   return true;
 }
 

@@ -7,7 +7,9 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <string>
 
 #include "tensor/kernels.h"
 
@@ -63,6 +65,19 @@ inline RowRange thread_rows(int64_t n_rows, int64_t t, int64_t n_threads) {
   const int64_t n_units = (n_rows + ROW_UNIT - 1) / ROW_UNIT;
   return {std::min(n_rows, n_units * t / n_threads * ROW_UNIT), std::min(n_rows, n_units * (t + 1) / n_threads * ROW_UNIT)};
 }
+
+// The first oneDNN failure of a parallel region's threads (record() keeps the first one), and
+// the Error it becomes: OUT_OF_MEMORY for dnnl_out_of_memory (and our own bad_alloc),
+// UNSUPPORTED naming oneDNN's status otherwise.
+class DnnlFailure {
+ public:
+  void record(int dnnl_status);  // a dnnl_status_t other than dnnl_success
+  bool failed() const { return status_.load(std::memory_order_relaxed) != 0; }
+  [[noreturn]] void raise(const std::string& what) const;
+
+ private:
+  std::atomic<int> status_{0};  // 0: dnnl_success
+};
 
 // Below this many multiply-adds a call runs on the calling thread: waking the team costs more.
 constexpr int64_t PARALLEL_MIN_MACS = 1 << 16;
