@@ -41,27 +41,12 @@ scripts/build.sh >"$out/build.log" 2>&1 || { tail -30 "$out/build.log"; echo "be
 bp=build/backprompt
 bench_cache=build/bench_cache
 
-vocab_dir=${BACKPROMPT_TEST_DATA:-$root/../shared/models}/ggml-vocab
-vocab_arg=()
-vocab_name="built-in byte vocab"
-if [ -f "$vocab_dir/ggml-vocab-llama-spm.gguf" ]; then
-  vocab_arg=(--vocab "$vocab_dir/ggml-vocab-llama-spm.gguf")
-  vocab_name="llama-spm vocab"
-  tag=spm
-else
-  tag=bytes
-fi
+. bench/models.sh
 
-echo "== models ($vocab_name)"
-model_path() { echo "$models/llama-110m-$1-$tag.gguf"; }
-for dt in $dtypes; do
-  m=$(model_path "$dt")
-  if [ -f "$m" ]; then
-    echo "   $m (cached)"
-  else
-    "$bp" make-model --arch llama --preset llama-110m --dtype "$dt" "${vocab_arg[@]}" --seed 1 -o "$m"
-  fi
-done
+echo "== models"
+declare -A model_of
+for dt in $dtypes f32; do model_of[$dt]=$(model_file llama-110m "$dt"); echo "   ${model_of[$dt]}"; done
+model_path() { echo "${model_of[$1]}"; }
 
 echo "== backprompt bench (pp$pp, tg$tg, $reps reps after a warm-up)"
 summary=()
