@@ -1,0 +1,107 @@
+// The row-wise operations of model/ops.h against double-precision references written from their
+// definitions, and RoPE on pieces of a row (the decode schedule's shares) against the whole row.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "model/ops.h"
+
+namespace bp = backprompt;
+
+namespace {
+
+std::vector<float> random_row(int64_t n, uint32_t seed, float scale = 1.0f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd(0.0f, scale);
+  std::vector<float> v(static_cast<size_t>(n));
+  for (float& f : v) f = nd(rng);
+  return v;
+}
+
+TEST(Ops, RmsNormMatchesDoubleReference) {
+  for (int64_t n : {1, 7, 8, 9, 64, 768, 2050}) {
+    const int64_t rows = 3;
+    const std::vector<float> x = random_row(rows * n, 1 + static_cast<uint32_t>(n), 3.0f), w = random_row(n, 2);
+    std::vector<float> y(static_cast<size_t>(rows * n));
+    bp::ops::rms_norm(x.data(), y.data(), rows, n, w.data(), 1e-5f);
+    for (int64_t r = 0; r < rows; ++r) {
+      double ss = 0;
+      for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(x[r * n + i]) * x[r * n + i];
+      const double inv = 1.0 / std::sqrt(ss / n + 1e-5);
+      for (int64_t i = 0; i < n; ++i) {
+        const double want = x[r * n + i] * inv * w[i];
+        ASSERT_NEAR(y[r * n + i], want, 1e-6 * (std::fabs(want) + 1e-3)) << "n=" << n << " row " << r << " i=" << i;
+      }
+    }
+    std::vector<float> in_place = x;  // y may be x
+    bp::ops::rms_norm(in_place.data(), in_place.data(), rows, n, w.data(), 1e-5f);
+    ASSERT_EQ(std::memcmp(in_place.data(), y.data(), y.size() * sizeof(float)), 0) << "n=" << n;
+  }
+}
+
+TEST(Ops, LayerNormMatchesDoubleReference) {
+  for (int64_t n : {1, 7, 8, 9, 64, 768, 2050}) {
+    std::vector<float> x = random_row(2 * n, 3 + static_cast<uint32_t>(n), 2.0f);
+    for (float& f : x) f += 5.0f;  // a large mean: the variance must not lose it
+    const std::vector<float> w = random_row(n, 4), b = random_row(n, 5);
+    std::vector<float> y(x.size());
+    bp::ops::layer_norm(x.data(), y.data(), 2, n, w.data(), b.data(), 1e-5f);
+    for (int64_t r = 0; r < 2; ++r) {
+      double mean = 0, var = 0;
+      for (int64_t i = 0; i < n; ++i) mean += x[r * n + i];
+      mean /= n;
+      for (int64_t i = 0; i < n; ++i) var += (x[r * n + i] - mean) * (x[r * n + i] - mean);
+      var /= n;
+      for (int64_t i = 0; i < n; ++i) {
+        const double want = (x[r * n + i] - mean) / std::sqrt(var + 1e-5) * w[i] + b[i];
+        ASSERT_NEAR(y[r * n + i], want, 2e-6 * (std::fabs(want) + 1.0)) << "n=" << n << " row " << r << " i=" << i;
+      }
+    }
+  }
+}
+
+TEST(Ops, RopeMatchesDefinitionAndPiecesMatchWholeRow) {
+  struct Case {
+    int32_t n_heads, head_dim, rope_dim;
+  };
+  for (const Case& c : {Case{4, 64, 64}, Case{3, 64, 32}, Case{2, 10, 6}}) {
+    const int32_t pos = 37, n_pairs = c.rope_dim / 2;
+    std::vector<float> cs(static_cast<size_t>(2 * n_pairs));
+    bp::ops::rope_angles(&pos, 1, c.rope_dim, 10000.0f, cs.data());
+    const int64_t n = static_cast<int64_t>(c.n_heads) * c.head_dim;
+    const std::vector<float> x = random_row(n, 7);
+
+    std::vector<float> whole = x;
+    bp::ops::rope(whole.data(), c.n_heads, c.head_dim, c.rope_dim, cs.data());
+    for (int32_t h = 0; h < c.n_heads; ++h) {
+      for (int32_t d = 0; d < c.head_dim; d += 2) {
+        const int64_t e = static_cast<int64_t>(h) * c.head_dim + d;
+        double a = x[e], b = x[e + 1];
+        if (d < c.rope_dim) {
+          const double theta = pos * std::pow(10000.0, -static_cast<double>(d) / c.rope_dim);
+          const double ra = a * std::cos(theta) - b * std::sin(theta), rb = a * std::sin(theta) + b * std::cos(theta);
+          a = ra;
+          b = rb;
+        }
+        ASSERT_NEAR(whole[e], a, 1e-5) << "head " << h << " d=" << d;
+        ASSERT_NEAR(whole[e + 1], b, 1e-5) << "head " << h << " d=" << d;
+      }
+    }
+
+    // Any split into even-bounded pieces (shares of the decode schedule) gives the same bits.
+    for (int64_t step : {2, 6, 16, 34, 64}) {
+      std::vector<float> pieces = x;
+      for (int64_t e0 = 0; e0 < n; e0 += step) {
+        bp::ops::rope_range(pieces.data(), e0, std::min(n, e0 + step), c.head_dim, c.rope_dim, cs.data());
+      }
+      ASSERT_EQ(std::memcmp(pieces.data(), whole.data(), whole.size() * sizeof(float)), 0)
+          << "head_dim " << c.head_dim << " rope_dim " << c.rope_dim << " pieces of " << step;
+    }
+  }
+}
+
+}  // namespace
