@@ -32,16 +32,9 @@ else
   pp=512 tg=128 cache_args=()
 fi
 
-out=bench/out
-models=$out/models
-mkdir -p "$models"
-
-echo "== build (Release, ./build)"
-scripts/build.sh >"$out/build.log" 2>&1 || { tail -30 "$out/build.log"; echo "bench/run.sh: build failed (log: $out/build.log)" >&2; exit 1; }
-bp=build/backprompt
+. bench/common.sh
+bench_build bench
 bench_cache=build/bench_cache
-
-. bench/models.sh
 
 echo "== models"
 declare -A model_of

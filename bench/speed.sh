@@ -34,16 +34,8 @@ reps=${BENCH_REPS:-3}
 only=${BENCH_ONLY:-llama-110m tinyllama-1.1b gpt2-124m}
 threads_arg=()
 [ -n "${BENCH_THREADS:-}" ] && threads_arg=(-t "$BENCH_THREADS")
-out=bench/out
-models=$out/models
-mkdir -p "$models"
-
-echo "== build (Release, ./build)"
-scripts/build.sh >"$out/speed-build.log" 2>&1 || { tail -30 "$out/speed-build.log"; echo "bench/speed.sh: build failed (log: $out/speed-build.log)" >&2; exit 1; }
-bp=build/backprompt
-
-. bench/models.sh
-
+. bench/common.sh
+bench_build speed
 runs=()  # "preset dtype label file env"
 for preset in $only; do
   dtypes=$(model_types "$preset") || exit 2

@@ -31,15 +31,8 @@ root=$(pwd)
 reps=${BENCH_REPS:-2}
 only=${BENCH_ONLY:-llama-110m tinyllama-1.1b gpt2-124m}
 threads=${BENCH_THREADS:-$(nproc)}
-out=bench/out
-models=$out/models
-mkdir -p "$models"
-
-echo "== build (Release, ./build)"
-scripts/build.sh >"$out/vs-build.log" 2>&1 || { tail -30 "$out/vs-build.log"; echo "bench/vs_llamacpp.sh: build failed (log: $out/vs-build.log)" >&2; exit 1; }
-bp=build/backprompt
-. bench/models.sh
-
+. bench/common.sh
+bench_build vs
 lib=${LLAMACPP_LIB:-}
 if [ -z "$lib" ]; then
   pkg=@node-llama-cpp/linux-x64@3.22.1

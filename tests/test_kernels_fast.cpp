@@ -11,19 +11,13 @@
 
 #include "tensor/kernels.h"
 #include "tensor/kernels_simd.h"
+#include "test_util.h"
 
 namespace bp = backprompt;
 using bp::DType;
+using bp::testing::random_normal;
 
 namespace {
-
-std::vector<float> random_floats(int64_t n, uint32_t seed, float scale = 1.0f) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> normal(0.0f, scale);
-  std::vector<float> v(static_cast<size_t>(n));
-  for (float& x : v) x = normal(rng);
-  return v;
-}
 
 std::vector<uint8_t> quantized(DType t, const std::vector<float>& values, int64_t n_in) {
   const int64_t n_rows = static_cast<int64_t>(values.size()) / n_in;
@@ -39,9 +33,9 @@ TEST(KernelsFast, MatmulManyEqualsOneMatmulPerTarget) {
   const int64_t n_outs[] = {48, 17, 130};  // unequal targets, one not a multiple of 16
   for (DType t : {DType::F32, DType::F16, DType::BF16, DType::Q8_0}) {
     std::vector<std::vector<uint8_t>> w;
-    for (int64_t i = 0; i < 3; ++i) w.push_back(quantized(t, random_floats(n_in * n_outs[i], 10 + static_cast<uint32_t>(i)), n_in));
+    for (int64_t i = 0; i < 3; ++i) w.push_back(quantized(t, random_normal(n_in * n_outs[i], 10 + static_cast<uint32_t>(i)), n_in));
     for (int64_t n : {1, 3, 40}) {
-      const std::vector<float> x = random_floats(n * n_in, 3);
+      const std::vector<float> x = random_normal(n * n_in, 3);
       std::vector<std::vector<float>> want(3), got(3);
       std::vector<bp::MatmulTarget> targets;
       for (int64_t i = 0; i < 3; ++i) {
@@ -62,7 +56,7 @@ TEST(KernelsFast, MatmulManyEqualsOneMatmulPerTarget) {
 TEST(KernelsFast, ActivationsMatchPortable) {
   const std::string saved = bp::kernels_isa();
   for (int64_t n : {1, 15, 16, 17, 1000}) {
-    std::vector<float> x = random_floats(n, 5, 3.0f), up = random_floats(n, 6);
+    std::vector<float> x = random_normal(n, 5, 3.0f), up = random_normal(n, 6);
     x[0] = n > 1 ? -90.0f : x[0];  // saturated exponentials
     if (n > 2) x[1] = 90.0f;
     std::vector<float> want_silu = x, got_silu = x, want_gelu = x, got_gelu = x;
@@ -109,7 +103,7 @@ TEST(KernelsFast, Bf16PrecisionIsCloseAndOptIn) {
   EXPECT_EQ(bp::kernels_matmul_precision(), bp::MatmulPrecision::EXACT) << "exact must be the default";
   if (!bp::kernels_bf16_native()) GTEST_SKIP() << "no native bf16 GEMM on this CPU";
   const int64_t n = 300, n_in = 256, n_out = 130;  // large enough to convert x on several threads
-  const std::vector<float> wf = random_floats(n_in * n_out, 8, 0.0625f), x = random_floats(n * n_in, 9);
+  const std::vector<float> wf = random_normal(n_in * n_out, 8, 0.0625f), x = random_normal(n * n_in, 9);
   const int saved_threads = omp_get_max_threads();
   for (DType t : {DType::BF16, DType::F32, DType::F16, DType::Q8_0}) {
     const std::vector<uint8_t> w = quantized(t, wf, n_in);
@@ -136,12 +130,12 @@ TEST(KernelsFast, Bf16PrecisionMatmulMany) {
   const int64_t n = 70, n_in = 128;
   const int64_t n_outs[] = {64, 17, 130};
   const DType types[] = {DType::Q8_0, DType::F16, DType::BF16};  // mixed types in one call
-  const std::vector<float> x = random_floats(n * n_in, 12);
+  const std::vector<float> x = random_normal(n * n_in, 12);
   std::vector<std::vector<uint8_t>> w;
   std::vector<std::vector<float>> exact(3), got(3);
   std::vector<bp::MatmulTarget> targets;
   for (size_t i = 0; i < 3; ++i) {
-    w.push_back(quantized(types[i], random_floats(n_in * n_outs[i], 20 + static_cast<uint32_t>(i), 0.1f), n_in));
+    w.push_back(quantized(types[i], random_normal(n_in * n_outs[i], 20 + static_cast<uint32_t>(i), 0.1f), n_in));
     const bp::MatrixView view{types[i], w[i].data(), n_in, n_outs[i]};
     exact[i].resize(static_cast<size_t>(n * n_outs[i]));
     got[i].assign(exact[i].size(), std::nanf(""));
@@ -163,8 +157,8 @@ TEST(KernelsFast, Bf16PrecisionMatmulMany) {
 TEST(KernelsFast, Bf16PrecisionAcrossWeightPanels) {
   if (!bp::kernels_bf16_native()) GTEST_SKIP() << "no native bf16 GEMM on this CPU";
   const int64_t n = 40, n_in = 256, n_out = 8192 + 48;  // 4 MiB of bf16 rows is 8192 rows of 256
-  const std::vector<uint8_t> w = quantized(DType::Q8_0, random_floats(n_in * n_out, 30, 0.1f), n_in);
-  const std::vector<float> x = random_floats(n * n_in, 31);
+  const std::vector<uint8_t> w = quantized(DType::Q8_0, random_normal(n_in * n_out, 30, 0.1f), n_in);
+  const std::vector<float> x = random_normal(n * n_in, 31);
   const bp::MatrixView view{DType::Q8_0, w.data(), n_in, n_out};
   std::vector<float> exact(static_cast<size_t>(n * n_out)), fast(exact.size(), std::nanf(""));
   bp::matmul(view, x.data(), n, exact.data());
@@ -182,12 +176,12 @@ TEST(KernelsFast, Bf16PrecisionAcrossWeightPanels) {
 // Decode-sized products (n <= MATMUL_FUSED_MAX_N) stay exact under BF16, for every weight type.
 TEST(KernelsFast, Bf16PrecisionKeepsDecodeExact) {
   const int64_t n_in = 128, n_out = 80;
-  const std::vector<float> wf = random_floats(n_in * n_out, 40, 0.1f);
+  const std::vector<float> wf = random_normal(n_in * n_out, 40, 0.1f);
   for (DType t : {DType::F32, DType::F16, DType::BF16, DType::Q8_0}) {
     const std::vector<uint8_t> w = quantized(t, wf, n_in);
     const bp::MatrixView view{t, w.data(), n_in, n_out};
     for (int64_t n : {int64_t{1}, int64_t{5}, bp::MATMUL_FUSED_MAX_N}) {
-      const std::vector<float> x = random_floats(n * n_in, 41);
+      const std::vector<float> x = random_normal(n * n_in, 41);
       std::vector<float> exact(static_cast<size_t>(n * n_out)), fast(exact.size(), std::nanf(""));
       bp::matmul(view, x.data(), n, exact.data());
       {

@@ -5,27 +5,20 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <random>
 #include <vector>
 
 #include "model/ops.h"
+#include "test_util.h"
 
 namespace bp = backprompt;
+using bp::testing::random_normal;
 
 namespace {
-
-std::vector<float> random_row(int64_t n, uint32_t seed, float scale = 1.0f) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> nd(0.0f, scale);
-  std::vector<float> v(static_cast<size_t>(n));
-  for (float& f : v) f = nd(rng);
-  return v;
-}
 
 TEST(Ops, RmsNormMatchesDoubleReference) {
   for (int64_t n : {1, 7, 8, 9, 64, 768, 2050}) {
     const int64_t rows = 3;
-    const std::vector<float> x = random_row(rows * n, 1 + static_cast<uint32_t>(n), 3.0f), w = random_row(n, 2);
+    const std::vector<float> x = random_normal(rows * n, 1 + static_cast<uint32_t>(n), 3.0f), w = random_normal(n, 2);
     std::vector<float> y(static_cast<size_t>(rows * n));
     bp::ops::rms_norm(x.data(), y.data(), rows, n, w.data(), 1e-5f);
     for (int64_t r = 0; r < rows; ++r) {
@@ -45,9 +38,9 @@ TEST(Ops, RmsNormMatchesDoubleReference) {
 
 TEST(Ops, LayerNormMatchesDoubleReference) {
   for (int64_t n : {1, 7, 8, 9, 64, 768, 2050}) {
-    std::vector<float> x = random_row(2 * n, 3 + static_cast<uint32_t>(n), 2.0f);
+    std::vector<float> x = random_normal(2 * n, 3 + static_cast<uint32_t>(n), 2.0f);
     for (float& f : x) f += 5.0f;  // a large mean: the variance must not lose it
-    const std::vector<float> w = random_row(n, 4), b = random_row(n, 5);
+    const std::vector<float> w = random_normal(n, 4), b = random_normal(n, 5);
     std::vector<float> y(x.size());
     bp::ops::layer_norm(x.data(), y.data(), 2, n, w.data(), b.data(), 1e-5f);
     for (int64_t r = 0; r < 2; ++r) {
@@ -73,7 +66,7 @@ TEST(Ops, RopeMatchesDefinitionAndPiecesMatchWholeRow) {
     std::vector<float> cs(static_cast<size_t>(2 * n_pairs));
     bp::ops::rope_angles(&pos, 1, c.rope_dim, 10000.0f, cs.data());
     const int64_t n = static_cast<int64_t>(c.n_heads) * c.head_dim;
-    const std::vector<float> x = random_row(n, 7);
+    const std::vector<float> x = random_normal(n, 7);
 
     std::vector<float> whole = x;
     bp::ops::rope(whole.data(), c.n_heads, c.head_dim, c.rope_dim, cs.data());

@@ -10,6 +10,7 @@
 #include <iterator>
 #include <map>
 #include <mutex>
+#include <random>
 #include <span>
 #include <string>
 #include <vector>
@@ -158,6 +159,15 @@ inline LogitCompare compare_logits(const float* got, const float* ref, int64_t n
   }
   c.same_argmax = arg_got == arg_ref;
   return c;
+}
+
+// n values drawn from N(0, scale^2), seeded.
+inline std::vector<float> random_normal(int64_t n, uint32_t seed, float scale = 1.0f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, scale);
+  std::vector<float> v(static_cast<size_t>(n));
+  for (float& x : v) x = normal(rng);
+  return v;
 }
 
 }  // namespace backprompt::testing

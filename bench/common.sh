@@ -1,12 +1,25 @@
-# Sourced by the bench scripts: the generated benchmark models, made once and cached.
+# Sourced by the bench scripts (from the repository root): the build and the generated
+# benchmark models.
 #
+#   bench_build NAME          builds backprompt (Release, ./build) into bench/out/NAME-build.log,
+#                             prints the log's end and exits on failure; sets $bp, $out, $models
 #   model_file PRESET DTYPE   prints the path of PRESET (llama-110m, tinyllama-1.1b, gpt2-124m)
 #                             with DTYPE weights, making it first with `backprompt make-model`
 #                             (seed 1, the real vocabulary from ../shared/models/ggml-vocab when
 #                             present, else a byte vocabulary)
 #   model_types PRESET        the weight types the tables measure for PRESET
 #
-# Needs: $bp (the backprompt binary), $models (the cache directory), $root (the repository).
+# model_file needs $bp and $models (bench_build sets them) and $root (the repository).
+
+bench_build() {
+  out=bench/out
+  models=$out/models
+  mkdir -p "$models"
+  echo "== build (Release, ./build)"
+  scripts/build.sh >"$out/$1-build.log" 2>&1 ||
+    { tail -30 "$out/$1-build.log"; echo "$0: build failed (log: $out/$1-build.log)" >&2; exit 1; }
+  bp=build/backprompt
+}
 model_file() {
   local preset=$1 dtype=$2 arch=llama vocab=ggml-vocab-llama-spm.gguf tag=spm
   local vocab_dir=${BACKPROMPT_TEST_DATA:-$root/../shared/models}/ggml-vocab
