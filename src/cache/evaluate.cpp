@@ -252,7 +252,7 @@ std::vector<std::vector<Node*>> CacheImpl::evaluate_group(std::span<const EvalRe
       }
       const size_t n_spans = end - next;
       std::vector<std::vector<KvSpanView>> pasts(n_spans);
-      std::vector<std::vector<float>> scratch_k(n_spans), scratch_v(n_spans), logits(n_spans);
+      std::vector<BigVector<float>> scratch_k(n_spans), scratch_v(n_spans), logits(n_spans);
       std::vector<ForwardSpan> spans(n_spans);
       for (size_t i = 0; i < n_spans; ++i) {
         const Work& w = works[next + i];
@@ -295,7 +295,7 @@ std::vector<std::vector<Node*>> CacheImpl::evaluate_group(std::span<const EvalRe
           if (w.end == n->n_tokens())
             n->last_logits.assign(logits[i].end() - c.n_vocab, logits[i].end());
         } else if (w.mode == LogitsMode::LAST && w.end == n->n_tokens()) {
-          n->last_logits = std::move(logits[i]);
+          n->last_logits.assign(logits[i].begin(), logits[i].end());
         }
       }
       next = end;

@@ -96,7 +96,7 @@ void CacheImpl::load_from_store(std::span<const int32_t> tokens) {
   // Lay the loaded positions [start, m) out as one state, then fill the pending nodes in [p, m).
   const ModelConfig& c = model->config();
   const int64_t kv = c.kv_dim(), len = m - start;
-  std::vector<float> k(static_cast<size_t>(c.n_layer * len * kv)), v(k.size());  // [n_layer][len][kv_dim]
+  BigVector<float> k(static_cast<size_t>(c.n_layer * len * kv), 0.0f), v(k.size(), 0.0f);  // [n_layer][len][kv_dim]
   std::vector<float> logprobs(static_cast<size_t>(len), std::numeric_limits<float>::quiet_NaN());
   for (const BlockData& b : blocks) {
     const int64_t bn = static_cast<int64_t>(b.tokens.size()), off = b.pos0 - start;

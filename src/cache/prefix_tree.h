@@ -16,21 +16,14 @@
 #include <vector>
 
 #include "backprompt/model.h"
+#include "model/reserved_buffer.h"
 #include "model/runtime.h"
 
 namespace backprompt::detail {
 
-// An allocator whose resize() leaves new floats uninitialised: K/V buffers are always written
-// whole by the runtime or by a copy right after allocation, so zero-filling them is wasted work.
-template <class T>
-struct UninitAllocator : std::allocator<T> {
-  template <class U> struct rebind { using other = UninitAllocator<U>; };
-  UninitAllocator() = default;
-  template <class U> UninitAllocator(const UninitAllocator<U>&) {}
-  template <class U> void construct(U* p) { ::new (static_cast<void*>(p)) U; }
-  template <class U, class... A> void construct(U* p, A&&... a) { ::new (static_cast<void*>(p)) U(std::forward<A>(a)...); }
-};
-using KvBuffer = std::vector<float, UninitAllocator<float>>;
+// K/V buffers: written whole by the runtime or by a copy right after allocation, so resize()
+// leaves them uninitialised; large ones get huge pages (first-touch faults dominate otherwise).
+using KvBuffer = BigVector<float>;
 
 struct Node {
   Node* parent = nullptr;

@@ -17,7 +17,7 @@ void forward(const Model& model, std::span<const ForwardSpan> batch) {
   const detail::Batch b(c, batch);
   if (b.n_rows == 0) return;
 
-  std::vector<float> x(static_cast<size_t>(b.n_rows * c.n_embd));  // [n_rows][n_embd]
+  detail::BigVector<float> x(static_cast<size_t>(b.n_rows * c.n_embd));  // [n_rows][n_embd], written whole by *_hidden
   if (c.arch == Arch::GPT2) detail::gpt2_hidden(m, b, x.data());
   else detail::llama_hidden(m, b, x.data());
 
@@ -41,7 +41,7 @@ void forward(const Model& model, std::span<const ForwardSpan> batch) {
   }
   if (rows.empty()) return;
   const int64_t n_out = static_cast<int64_t>(rows.size());
-  std::vector<float> h(static_cast<size_t>(n_out * c.n_embd));     // [n_out][n_embd]
+  detail::BigVector<float> h(static_cast<size_t>(n_out * c.n_embd));  // [n_out][n_embd]
   for (int64_t i = 0; i < n_out; ++i)
     std::memcpy(h.data() + i * c.n_embd, x.data() + rows[static_cast<size_t>(i)] * c.n_embd, c.n_embd * sizeof(float));
   // Rows bound for one contiguous destination (one span's ALL, or a single LAST) are written in
@@ -52,10 +52,10 @@ void forward(const Model& model, std::span<const ForwardSpan> batch) {
     matmul(m.output, h.data(), n_out, dst[0]);
     return;
   }
-  std::unique_ptr<float[]> logits(new float[static_cast<size_t>(n_out * c.n_vocab)]);  // [n_out][n_vocab]
-  matmul(m.output, h.data(), n_out, logits.get());
+  detail::BigVector<float> logits(static_cast<size_t>(n_out * c.n_vocab));  // [n_out][n_vocab]
+  matmul(m.output, h.data(), n_out, logits.data());
   for (int64_t i = 0; i < n_out; ++i)
-    std::memcpy(dst[static_cast<size_t>(i)], logits.get() + i * c.n_vocab, c.n_vocab * sizeof(float));
+    std::memcpy(dst[static_cast<size_t>(i)], logits.data() + i * c.n_vocab, c.n_vocab * sizeof(float));
 }
 
 Sequence::Sequence(const Model& model) : model_(model) {}
