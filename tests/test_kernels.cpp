@@ -483,7 +483,9 @@ void check_all_paths(bool integers) {
   IsaRestore restore;
   const int64_t ns[] = {1, 2, 3, 4, 5, 7, 8, 9, 33, 64, 300};
   for (DType t : ALL_TYPES) {
-    std::vector<Shape> shapes = {{32, 1}, {64, 7}, {96, 33}, {768, 129}};
+    // Decode reads rows of under 8 KiB one at a time and longer rows in tiles: 2112 and 4128
+    // inputs put f32, f16 / bf16 and q8_0 rows on both sides of that line.
+    std::vector<Shape> shapes = {{32, 1}, {64, 7}, {96, 33}, {768, 129}, {2112, 9}, {4128, 3}};
     if (t != DType::Q8_0) shapes.insert(shapes.end(), {{17, 5}, {50, 19}, {8, 3}});
     for (const Shape& s : shapes) {
       const TestMatrix m = make_matrix(t, s.n_in, s.n_out, 11 + s.n_in, integers);
