@@ -163,9 +163,47 @@ BP_TARGET_AVX2 void rows_times_x(const MatrixView& w, int64_t r, int64_t n_rows,
   for (; i < n_rows; ++i) tile<L, 1, NX>(rows + i, x, w.n_in, w.n_in, y + i, w.n_out, ahead);
 }
 
+// dot(row, x) for one activation row, the row read front to back with four accumulators (as
+// row_dot in kernels_avx512.cpp, for rows under ROW_DOT_MAX_BYTES).
+constexpr size_t ROW_DOT_MAX_BYTES = 8 << 10;
+
+template <class L>
+BP_TARGET_AVX2 float row_dot(const uint8_t* row, const float* x, int64_t n_in) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t k = 0;
+  if constexpr (L::Q8) {
+    for (int64_t b = 0; b < n_in / Q8_0_BLOCK; ++b) {
+      const __m256 d = L::scale(row, b);
+      const float* xb = x + b * Q8_0_BLOCK;
+      a0 = _mm256_fmadd_ps(L::part(row, b, 0, d), _mm256_loadu_ps(xb), a0);
+      a1 = _mm256_fmadd_ps(L::part(row, b, 1, d), _mm256_loadu_ps(xb + V), a1);
+      a2 = _mm256_fmadd_ps(L::part(row, b, 2, d), _mm256_loadu_ps(xb + 2 * V), a2);
+      a3 = _mm256_fmadd_ps(L::part(row, b, 3, d), _mm256_loadu_ps(xb + 3 * V), a3);
+    }
+    k = n_in;
+  } else {
+    for (; k + 4 * V <= n_in; k += 4 * V) {
+      a0 = _mm256_fmadd_ps(L::full(row, k), _mm256_loadu_ps(x + k), a0);
+      a1 = _mm256_fmadd_ps(L::full(row, k + V), _mm256_loadu_ps(x + k + V), a1);
+      a2 = _mm256_fmadd_ps(L::full(row, k + 2 * V), _mm256_loadu_ps(x + k + 2 * V), a2);
+      a3 = _mm256_fmadd_ps(L::full(row, k + 3 * V), _mm256_loadu_ps(x + k + 3 * V), a3);
+    }
+    for (; k + V <= n_in; k += V) a0 = _mm256_fmadd_ps(L::full(row, k), _mm256_loadu_ps(x + k), a0);
+  }
+  float sum = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  if constexpr (!L::Q8) {
+    for (; k < n_in; ++k) sum += L::one(row, k) * x[k];
+  }
+  return sum;
+}
+
 template <class L>
 BP_TARGET_AVX2 void matvec_typed(const MatrixView& w, const float* x, int64_t n, float* y,
                                  int64_t r0, int64_t r1) {
+  if (n == 1 && w.row_bytes() < ROW_DOT_MAX_BYTES) {
+    for (int64_t r = r0; r < r1; ++r) y[r] = row_dot<L>(w.row(r), x, w.n_in);
+    return;
+  }
   for (int64_t r = r0; r < r1; r += ROW_GROUP) {
     const int64_t n_rows = min_i64(ROW_GROUP, r1 - r);
     for (int64_t j = 0; j < n; j += 4) {
