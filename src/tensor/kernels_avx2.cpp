@@ -164,7 +164,8 @@ BP_TARGET_AVX2 void rows_times_x(const MatrixView& w, int64_t r, int64_t n_rows,
 }
 
 // dot(row, x) for one activation row, the row read front to back with four accumulators (as
-// row_dot in kernels_avx512.cpp, for rows under ROW_DOT_MAX_BYTES).
+// row_dot in kernels_avx512.cpp: q8_0 rows under ROW_DOT_MAX_BYTES, and the rows left over after
+// rows4_dot's quarters).
 constexpr size_t ROW_DOT_MAX_BYTES = 8 << 10;
 
 template <class L>
@@ -197,9 +198,51 @@ BP_TARGET_AVX2 float row_dot(const uint8_t* row, const float* x, int64_t n_in) {
   return sum;
 }
 
+// y[r[s]] = dot(row r[s], x) for four rows a quarter of a thread's share apart, each read front
+// to back (as rows4_dot in kernels_avx512.cpp: four long streams per thread).
+template <class L>
+BP_TARGET_AVX2 void rows4_dot(const MatrixView& w, const int64_t* r, const float* x, float* y) {
+  const uint8_t* row[4] = {w.row(r[0]), w.row(r[1]), w.row(r[2]), w.row(r[3])};
+  const int64_t n_in = w.n_in;
+  __m256 a[4][2];
+#pragma GCC unroll 4
+  for (int s = 0; s < 4; ++s) a[s][0] = a[s][1] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 2 * V <= n_in; k += 2 * V) {
+    const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + V);
+#pragma GCC unroll 4
+    for (int s = 0; s < 4; ++s) {
+      a[s][0] = _mm256_fmadd_ps(L::full(row[s], k), x0, a[s][0]);
+      a[s][1] = _mm256_fmadd_ps(L::full(row[s], k + V), x1, a[s][1]);
+    }
+  }
+  for (; k + V <= n_in; k += V) {
+    const __m256 xv = _mm256_loadu_ps(x + k);
+#pragma GCC unroll 4
+    for (int s = 0; s < 4; ++s) a[s][0] = _mm256_fmadd_ps(L::full(row[s], k), xv, a[s][0]);
+  }
+#pragma GCC unroll 4
+  for (int s = 0; s < 4; ++s) {
+    float sum = hsum(_mm256_add_ps(a[s][0], a[s][1]));
+    for (int64_t t = k; t < n_in; ++t) sum += L::one(row[s], t) * x[t];
+    y[r[s]] = sum;
+  }
+}
+
 template <class L>
 BP_TARGET_AVX2 void matvec_typed(const MatrixView& w, const float* x, int64_t n, float* y,
                                  int64_t r0, int64_t r1) {
+  if constexpr (!L::Q8) {
+    if (n == 1) {
+      const int64_t q = (r1 - r0) / 4;
+      for (int64_t i = 0; i < q; ++i) {
+        const int64_t r[4] = {r0 + i, r0 + q + i, r0 + 2 * q + i, r0 + 3 * q + i};
+        rows4_dot<L>(w, r, x, y);
+      }
+      for (int64_t r = r0 + 4 * q; r < r1; ++r) y[r] = row_dot<L>(w.row(r), x, w.n_in);
+      return;
+    }
+  }
   if (n == 1 && w.row_bytes() < ROW_DOT_MAX_BYTES) {
     for (int64_t r = r0; r < r1; ++r) y[r] = row_dot<L>(w.row(r), x, w.n_in);
     return;
