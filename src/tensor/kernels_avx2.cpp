@@ -166,7 +166,6 @@ BP_TARGET_AVX2 void rows_times_x(const MatrixView& w, int64_t r, int64_t n_rows,
 // dot(row, x) for one activation row, the row read front to back with four accumulators (as
 // row_dot in kernels_avx512.cpp: q8_0 rows under ROW_DOT_MAX_BYTES, and the rows left over after
 // rows4_dot's quarters).
-constexpr size_t ROW_DOT_MAX_BYTES = 8 << 10;
 
 template <class L>
 BP_TARGET_AVX2 float row_dot(const uint8_t* row, const float* x, int64_t n_in) {
@@ -234,12 +233,9 @@ BP_TARGET_AVX2 void matvec_typed(const MatrixView& w, const float* x, int64_t n,
                                  int64_t r0, int64_t r1) {
   if constexpr (!L::Q8) {
     if (n == 1) {
-      const int64_t q = (r1 - r0) / 4;
-      for (int64_t i = 0; i < q; ++i) {
-        const int64_t r[4] = {r0 + i, r0 + q + i, r0 + 2 * q + i, r0 + 3 * q + i};
-        rows4_dot<L>(w, r, x, y);
-      }
-      for (int64_t r = r0 + 4 * q; r < r1; ++r) y[r] = row_dot<L>(w.row(r), x, w.n_in);
+      rows_in_quarters(
+          r0, r1, [&](const int64_t* r) { rows4_dot<L>(w, r, x, y); },
+          [&](int64_t r) { y[r] = row_dot<L>(w.row(r), x, w.n_in); });
       return;
     }
   }

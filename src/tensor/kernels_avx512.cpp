@@ -183,16 +183,6 @@ BP_TARGET_AVX512 void rows_times_x(const MatrixView& w, int64_t r, int64_t n_row
   for (; i < n_rows; ++i) tile<L, 1, NX>(rows + i, x, w.n_in, w.n_in, y + i, w.n_out, ahead);
 }
 
-// dot(row, x) over n_in values, summed in four vector accumulators (blocks b % 4 for Q8_0).
-// Reading a row front to back and then the next one makes a thread's reads one sequential
-// stream, which the hardware prefetchers follow across rows, where 8-row tiles read 8 streams
-// each only a row long. Measured on a 2-core AVX-512 VM, from memory: 1 GiB of 2048-wide f16 rows
-// (4 KiB), 8-row tiles read 47-54 GB/s with two threads and 26-28 with one, this order 64-81
-// and 39; decode of llama-110m f16 and bf16 (rows of 1.5 and 4 KiB) went from 210-236 to
-// 270-288 tok/s, gpt2-124m f32 from 102-109 to 121. With rows of 8 KiB (tinyllama-1.1b f32)
-// the tiles did as well or better (decode 5.7-9.5 vs 6.4-7.2 tok/s in alternating runs), so
-// longer rows keep them.
-constexpr size_t ROW_DOT_MAX_BYTES = 8 << 10;
 // acc + d_b * (the 32 products of block b with x's values at the same positions).
 BP_TARGET_AVX512 inline __m512 q8_block_dot(const uint8_t* row, int64_t b, const float* x, __m512 acc) {
   const float* xb = x + b * Q8_0_BLOCK;
@@ -201,6 +191,15 @@ BP_TARGET_AVX512 inline __m512 q8_block_dot(const uint8_t* row, int64_t b, const
   return _mm512_fmadd_ps(LoadQ8_0::scale(row, b), sum, acc);
 }
 
+// dot(row, x) over n_in values, summed in four vector accumulators (blocks b % 4 for Q8_0).
+// Reading a row front to back and then the next one makes a thread's reads one sequential
+// stream, which the hardware prefetchers follow across rows, where 8-row tiles read 8 streams
+// each only a row long. Measured on a 2-core AVX-512 VM, from memory: 1 GiB of 2048-wide f16 rows
+// (4 KiB), 8-row tiles read 47-54 GB/s with two threads and 26-28 with one, this order 64-81
+// and 39; decode of llama-110m f16 and bf16 (rows of 1.5 and 4 KiB) went from 210-236 to
+// 270-288 tok/s, gpt2-124m f32 from 102-109 to 121. With rows of 8 KiB (tinyllama-1.1b f32)
+// the tiles did as well or better (decode 5.7-9.5 vs 6.4-7.2 tok/s in alternating runs). Used
+// for q8_0 rows under ROW_DOT_MAX_BYTES and the rows rows4_dot's quarters leave over.
 template <class L>
 BP_TARGET_AVX512 float row_dot(const uint8_t* row, const float* x, int64_t n_in) {
   __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
@@ -279,13 +278,9 @@ template <class L>
 BP_TARGET_AVX512 void matvec_typed(const MatrixView& w, const float* x, int64_t n, float* y,
                                    int64_t r0, int64_t r1) {
   if (n == 1 && !L::Q8) {
-    // Four quarters of the range side by side: four long sequential streams.
-    const int64_t q = (r1 - r0) / 4;
-    for (int64_t i = 0; i < q; ++i) {
-      const int64_t r[4] = {r0 + i, r0 + q + i, r0 + 2 * q + i, r0 + 3 * q + i};
-      rows4_dot<L>(w, r, x, y);
-    }
-    for (int64_t r = r0 + 4 * q; r < r1; ++r) y[r] = row_dot<L>(w.row(r), x, w.n_in);
+    rows_in_quarters(
+        r0, r1, [&](const int64_t* r) { rows4_dot<L>(w, r, x, y); },
+        [&](int64_t r) { y[r] = row_dot<L>(w.row(r), x, w.n_in); });
     return;
   }
   if (n == 1 && w.row_bytes() < ROW_DOT_MAX_BYTES) {

@@ -79,6 +79,23 @@ class DnnlFailure {
   std::atomic<int> status_{0};  // 0: dnnl_success
 };
 
+// Decode with one activation row (each ISA's matvec; kernels_avx512.cpp has the measurements):
+// f32, f16 and bf16 rows are read as four streams per thread (rows_in_quarters); q8_0 rows
+// shorter than ROW_DOT_MAX_BYTES one at a time, longer ones in tiles.
+constexpr size_t ROW_DOT_MAX_BYTES = 8 << 10;
+
+// Rows [r0, r1) in the four-stream order: quad(r) for r = {r0 + i, r0 + q + i, r0 + 2q + i,
+// r0 + 3q + i}, i < q = (r1 - r0) / 4, then one(row) for each row left over.
+template <class Quad, class One>
+inline void rows_in_quarters(int64_t r0, int64_t r1, Quad&& quad, One&& one) {
+  const int64_t q = (r1 - r0) / 4;
+  for (int64_t i = 0; i < q; ++i) {
+    const int64_t r[4] = {r0 + i, r0 + q + i, r0 + 2 * q + i, r0 + 3 * q + i};
+    quad(r);
+  }
+  for (int64_t r = r0 + 4 * q; r < r1; ++r) one(r);
+}
+
 // Below this many multiply-adds a call runs on the calling thread: waking the team costs more.
 constexpr int64_t PARALLEL_MIN_MACS = 1 << 16;
 
