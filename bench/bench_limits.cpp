@@ -1,6 +1,6 @@
 // bench_limits: the machine's own limits, which backprompt's speed is measured against.
 //
-//   bench_limits [-t THREADS] [--quick]
+//   bench_limits [-t THREADS] [--quick] [--bandwidth]
 //
 // - Peak GEMM throughput per arithmetic type, with oneDNN (the library backprompt's prefill uses):
 //   f32 (dnnl_sgemm), bf16 (matmul primitive, bf16 x bf16 -> f32) and int8 (u8 x s8 -> s32), on
@@ -11,6 +11,9 @@
 //   what decode is bound by (it reads every weight once per token).
 // Each figure is the best of several runs (min time): the machine may be shared, and the best
 // run is the one least disturbed. Measured with 1 thread and with THREADS (default: all cores).
+// --bandwidth measures only the read bandwidth with THREADS (about a second): bench/speed.sh
+// runs it next to each decode measurement, because a shared machine's bandwidth drifts (2x
+// within minutes has been seen).
 //
 // The last lines are machine-readable, for bench/speed.sh:
 //   limit <name> <value>     gemm_f32, gemm_bf16, gemm_s8 (GFLOP/s or GOP/s), bandwidth (GB/s),
@@ -170,25 +173,21 @@ const char* isa_name(dnnl_cpu_isa_t isa) {
 
 int main(int argc, char** argv) {
   int n_threads = omp_get_num_procs();
-  bool quick = false;
+  bool quick = false, bandwidth_only = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if ((a == "-t" || a == "--threads") && i + 1 < argc) {
       n_threads = std::max(1, std::atoi(argv[++i]));
     } else if (a == "--quick") {
       quick = true;
+    } else if (a == "--bandwidth") {
+      bandwidth_only = true;
     } else {
-      std::fprintf(stderr, "usage: bench_limits [-t THREADS] [--quick]\n");
+      std::fprintf(stderr, "usage: bench_limits [-t THREADS] [--quick] [--bandwidth]\n");
       return 2;
     }
   }
   const double min_s = quick ? 0.2 : 1.0;
-  const dnnl_version_t* v = dnnl_version();
-  std::printf("cpu: %s, %d cores; oneDNN %d.%d.%d dispatches to %s\n", cpu_name().c_str(), omp_get_num_procs(), v->major,
-              v->minor, v->patch, isa_name(dnnl_get_effective_cpu_isa()));
-  double load[1] = {0};
-  if (getloadavg(load, 1) == 1) std::printf("load average: %.2f before the run\n", load[0]);
-
   const size_t bytes = size_t{512} << 20;
   std::unique_ptr<uint8_t, decltype(&std::free)> buf(static_cast<uint8_t*>(std::aligned_alloc(4096, bytes)), &std::free);
   if (!buf) {
@@ -196,6 +195,17 @@ int main(int argc, char** argv) {
     return 1;
   }
   std::memset(buf.get(), 7, bytes);
+  if (bandwidth_only) {
+    omp_set_num_threads(n_threads);
+    std::printf("limit bandwidth %.1f\n", read_bandwidth(buf.get(), bytes, min_s));
+    return 0;
+  }
+
+  const dnnl_version_t* v = dnnl_version();
+  std::printf("cpu: %s, %d cores; oneDNN %d.%d.%d dispatches to %s\n", cpu_name().c_str(), omp_get_num_procs(), v->major,
+              v->minor, v->patch, isa_name(dnnl_get_effective_cpu_isa()));
+  double load[1] = {0};
+  if (getloadavg(load, 1) == 1) std::printf("load average: %.2f before the run\n", load[0]);
 
   struct Row {
     std::string name, unit;

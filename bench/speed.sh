@@ -24,6 +24,10 @@
 #             BACKPROMPT_MATMUL=bf16: activations and weights rounded to bf16, not exact)
 #   tg/bw     bytes a decode step must read (every weight matrix except the embedding table, plus
 #             the f32 K/V of the 576 positions attended to on average) x tg128 / read bandwidth
+#             measured next to that row (`bench_limits --bandwidth` just before and just after it,
+#             the higher of the two, in brackets): a shared machine's bandwidth drifts by up to 2x
+#             within minutes, so a limit taken minutes earlier says little about this row
+#   tg/bw max the same over the highest bandwidth measured anywhere in the run (the stricter figure)
 #   llama.cpp the issue's figures for the same shapes (February 2025 build, 2 threads, AVX-512 EPYC);
 #             starred rows against the same type's, bf16 against f16's (the issue has no bf16 figures)
 set -euo pipefail
@@ -60,16 +64,21 @@ build/bench_limits "${threads_arg[@]}" | tee "$limits_log"
 echo "== backprompt bench (pp512, tg128, $reps reps after a warm-up)"
 results=$out/speed-results.txt
 : >"$results"
+bandwidth_probe() { build/bench_limits "${threads_arg[@]}" --bandwidth | awk '/^limit bandwidth/ { print $3 }'; }
+bw_before=$(bandwidth_probe)
 for r in "${runs[@]}"; do
   read -r preset dt label f envs <<<"$r"
   log=$out/speed-$preset-$label.txt
-  echo "-- $preset $label"
+  echo "-- $preset $label (read bandwidth just before: $bw_before GB/s)"
   if [ "$envs" = - ]; then
     "$bp" bench -m "$f" -p 512 -n 128 -r "$reps" "${threads_arg[@]}" | tee "$log"
   else
     env "$envs" "$bp" bench -m "$f" -p 512 -n 128 -r "$reps" "${threads_arg[@]}" | tee "$log"
   fi
-  echo "$preset $label $f $log" >>"$results"
+  bw_after=$(bandwidth_probe)
+  echo "   read bandwidth just after: $bw_after GB/s"
+  echo "$preset $label $f $log $bw_before $bw_after" >>"$results"
+  bw_before=$bw_after
 done
 
 # The limits again: on a shared machine, other work during one of the two measurements would
@@ -135,8 +144,12 @@ def fmt_rate(line):
     return (float(m.group(1)), float(m.group(2))) if m else (None, None)
 
 rows = []
+bw_best = limits.get("bandwidth", 0.0)
 for line in open(sys.argv[2]):
-    preset, label, path, log = line.split()
+    bw_best = max([bw_best] + [float(x) for x in line.split()[4:6]])
+for line in open(sys.argv[2]):
+    preset, label, path, log, bw_before, bw_after = line.split()
+    bw_near = max(float(bw_before), float(bw_after))
     text = open(log).read()
     pp, pp_sd = fmt_rate(next((l for l in text.splitlines() if l.startswith("pp")), ""))
     tg, tg_sd = fmt_rate(next((l for l in text.splitlines() if l.startswith("tg")), ""))
@@ -168,7 +181,6 @@ for line in open(sys.argv[2]):
     # Decode after 512 tokens: 128 steps attending to 512 .. 639 positions (576 on average).
     read_bytes += 2 * n_layer * 576.0 * kv_dim * 4
     peak = limits.get("gemm_bf16" if label.endswith("*") else "gemm_f32")
-    bw = limits.get("bandwidth")
     base = label.rstrip("*")
     ref = LLAMA_CPP.get((preset, "f16" if base == "bf16" else base))
     rows.append([
@@ -176,19 +188,21 @@ for line in open(sys.argv[2]):
         f"{pp:.1f} ± {pp_sd:.1f}" if pp else "-",
         f"{tg:.2f} ± {tg_sd:.2f}" if tg else "-",
         f"{pp * flop_per_token / 1e9:.0f} GF/s {100 * pp * flop_per_token / 1e9 / peak:.0f}%" if pp and peak else "-",
-        f"{tg * read_bytes / 1e9:.1f} GB/s {100 * tg * read_bytes / 1e9 / bw:.0f}%" if tg and bw else "-",
+        f"{tg * read_bytes / 1e9:.1f} GB/s {100 * tg * read_bytes / 1e9 / bw_near:.0f}% ({bw_near:.0f})" if tg else "-",
+        f"{100 * tg * read_bytes / 1e9 / bw_best:.0f}%" if tg and bw_best else "-",
         f"{float(rss.group(1)):.0f} MiB" if rss else "-",
         f"{ref[0]:g} / {ref[1]:g}" if ref else "-",
         f"{pp / ref[0]:.2f}x / {tg / ref[1]:.2f}x" if ref and pp and tg else "-",
     ])
 
-head = ["model", "type", "pp512 tok/s", "tg128 tok/s", "pp/peak", "tg/bw", "peak RSS", "llama.cpp pp/tg", "ours/llama.cpp"]
+head = ["model", "type", "pp512 tok/s", "tg128 tok/s", "pp/peak", "tg/bw (bw near)", "tg/bw max", "peak RSS", "llama.cpp pp/tg", "ours/llama.cpp"]
 width = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
 print("  ".join(h.ljust(w) for h, w in zip(head, width)))
 for r in rows:
     print("  ".join(str(c).ljust(w) for c, w in zip(r, width)))
 print(f"limits: f32 GEMM {limits.get('gemm_f32', 0):.0f} GFLOP/s, bf16 GEMM {limits.get('gemm_bf16', 0):.0f} GFLOP/s, "
-      f"int8 GEMM {limits.get('gemm_s8', 0):.0f} GOP/s, read bandwidth {limits.get('bandwidth', 0):.1f} GB/s (all threads)")
+      f"int8 GEMM {limits.get('gemm_s8', 0):.0f} GOP/s, read bandwidth {limits.get('bandwidth', 0):.1f} GB/s (all threads); "
+      f"highest read bandwidth in the run {bw_best:.1f} GB/s")
 print("f16*, bf16*, q8_0*: BACKPROMPT_MATMUL=bf16 (activations and weights rounded to bf16 in prefill GEMMs; not exact); "
       "bf16 rows are compared with llama.cpp's f16 figures")
 EOF
