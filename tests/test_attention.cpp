@@ -29,8 +29,9 @@ struct Case {
   float q_scale;              // spread of the queries (large: peaked softmax)
 };
 
-// Runs one case on the current ISA; fails if any output is off by more than 2e-5 * max|v|.
-void check_case(const Case& c, uint32_t seed) {
+// Runs one case on the current ISA; fails if any output is off by more than tol * max|v| (|v| of
+// normal values: about 4). Returns the outputs ([n_rows][q_dim]).
+std::vector<float> check_case(const Case& c, uint32_t seed, bool bf16 = false, double tol = 2e-5) {
   const int32_t hd = c.head_dim, n_kv_head = 4, kv_head = 1;
   const int64_t kv_dim = int64_t{n_kv_head} * hd + 3;  // row stride with a gap after the heads
   const int64_t q_dim = int64_t{c.n_group} * n_kv_head * hd;
@@ -70,9 +71,10 @@ void check_case(const Case& c, uint32_t seed) {
   t.n_kv = static_cast<int32_t>(kv.size());
   t.kv_stride = kv_dim;
   t.n_keys0 = n_past + 1;
+  t.bf16 = bf16;
   bp::attention_tile(t);
 
-  const std::string what = std::string("isa=") + bp::kernels_isa() + " head_dim=" + std::to_string(hd) +
+  const std::string what = std::string("isa=") + bp::kernels_isa() + (bf16 ? " bf16" : "") + " head_dim=" + std::to_string(hd) +
                            " kv_heads=" + std::to_string(c.n_kv_heads) + " group=" + std::to_string(c.n_group) + " rows=" + std::to_string(c.n_rows) +
                            " past=" + std::to_string(n_past);
   for (int32_t r = 0; r < c.n_rows; ++r) {
@@ -99,8 +101,9 @@ void check_case(const Case& c, uint32_t seed) {
       }
       const float* got = out.data() + r * q_dim + head0 + int64_t{h} * hd;
       for (int32_t x = 0; x < hd; ++x) {
-        ASSERT_NEAR(got[x], o[static_cast<size_t>(x)] / sum, 2e-5 * 4.0)  // |v| <~ 4 (normal)
+        EXPECT_NEAR(got[x], o[static_cast<size_t>(x)] / sum, tol * 4.0)  // |v| <~ 4 (normal)
             << what << " row " << r << " head " << h << " dim " << x;
+        if (::testing::Test::HasFailure()) return out;
       }
     }
   }
@@ -108,10 +111,12 @@ void check_case(const Case& c, uint32_t seed) {
   for (int32_t r = 0; r < c.n_rows; ++r) {
     for (int64_t x = 0; x < q_dim; ++x) {
       if (x >= head0 && x < head0 + int64_t{n_heads} * hd) continue;
-      ASSERT_TRUE(std::isnan(out[static_cast<size_t>(r * q_dim + x)])) << what << ": wrote outside the tile";
+      EXPECT_TRUE(std::isnan(out[static_cast<size_t>(r * q_dim + x)])) << what << ": wrote outside the tile";
+      if (::testing::Test::HasFailure()) return out;
     }
   }
-  ASSERT_EQ(out.back(), 12345.0f) << what;
+  EXPECT_EQ(out.back(), 12345.0f) << what;
+  return out;
 }
 
 TEST(Attention, TileMatchesDoubleReference) {
@@ -148,6 +153,39 @@ TEST(Attention, TileMatchesDoubleReference) {
       check_case(c, seed++);
       if (::testing::Test::HasFatalFailure()) return;
     }
+  }
+}
+
+// AttentionTile::bf16 (prefill tiles, AVX512_BF16): bf16 products, so only near the reference,
+// but not equal to the f32 tile (else the bf16 path did not run).
+TEST(Attention, Bf16TilesNearDoubleReference) {
+  if (bp::testing::available_isas().back() != "avx512" || !__builtin_cpu_supports("avx512bf16")) {
+    GTEST_SKIP() << "needs AVX512_BF16";
+  }
+  IsaRestore restore;
+  ASSERT_TRUE(bp::kernels_force_isa("avx512"));
+  const std::vector<Case> cases = {
+      {64, 1, 64, 1, {}, 1.0f},          // a prefill tile, no past
+      {64, 1, 37, 1, {70}, 1.0f},        // ragged, an odd block of keys
+      {64, 1, 16, 1, {1, 2, 3}, 1.0f},   // sources of odd sizes
+      {64, 8, 8, 1, {9, 65}, 1.0f},      // grouped-query heads
+      {16, 2, 20, 1, {4}, 1.0f},         // small heads
+      {80, 1, 24, 1, {40}, 1.0f},        // head_dim not a multiple of 16
+      {128, 1, 48, 1, {100}, 1.0f},
+      {64, 1, 64, 1, {1500, 400}, 1.0f}, // long context
+      {64, 1, 32, 1, {50}, 8.0f},        // peaked softmax (scores in the tens)
+  };
+  uint32_t seed = 500;
+  for (const Case& c : cases) {
+    const std::vector<float> exact = check_case(c, seed);
+    const std::vector<float> rounded = check_case(c, seed, true, c.q_scale > 1.0f ? 2e-2 : 3e-3);
+    if (::testing::Test::HasFailure()) return;
+    double max_diff = 0;
+    for (size_t i = 0; i + 1 < exact.size(); ++i) {
+      if (!std::isnan(exact[i])) max_diff = std::max(max_diff, static_cast<double>(std::abs(exact[i] - rounded[i])));
+    }
+    EXPECT_GT(max_diff, 1e-5) << "head_dim " << c.head_dim << ": the bf16 tile gave the f32 tile's outputs";
+    ++seed;
   }
 }
 

@@ -4,6 +4,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <map>
+#include <utility>
 #include <vector>
 
 #include "backprompt/error.h"
@@ -121,6 +123,7 @@ struct TileShape {
   int64_t q_dim, kv_dim;
   int32_t head_dim, group;
   float scale;
+  bool bf16;  // AttentionTile::bf16
 };
 
 // The calling team's share of the tiles (orphaned worksharing loop, dynamic: the causal triangle
@@ -149,8 +152,25 @@ void run_tiles(const std::vector<TileItem>& items, const std::vector<std::vector
     t.n_kv = static_cast<int32_t>(kv.size());
     t.kv_stride = sh.kv_dim;
     t.n_keys0 = item.n_keys0;
+    t.bf16 = sh.bf16;
     attention_tile(t);
   }
+}
+
+// The order the team takes tiles in: the tiles of one (span, key/value head) together, biggest
+// first, so that a thread's next tile mostly reads the keys and values its last one left in its
+// cache; those groups biggest first, so that what is left for the end is small (load balance).
+// Measured on a 2-core machine, 512-token llama-110m prefill: attention 3-4% faster than with all
+// tiles biggest first (3 paired runs each, f32 and bf16 tiles).
+void order_tiles(std::vector<TileItem>& items) {
+  std::map<std::pair<int32_t, int32_t>, int64_t> group_cost;
+  for (const TileItem& it : items) group_cost[{it.span, it.kv_head}] += it.cost;
+  std::stable_sort(items.begin(), items.end(), [&](const TileItem& x, const TileItem& y) {
+    const int64_t cx = group_cost[{x.span, x.kv_head}], cy = group_cost[{y.span, y.kv_head}];
+    if (cx != cy) return cx > cy;
+    if (x.span != y.span || x.kv_head != y.kv_head) return std::pair(x.span, x.kv_head) < std::pair(y.span, y.kv_head);
+    return x.cost > y.cost;
+  });
 }
 
 }  // namespace
@@ -203,9 +223,11 @@ void attention(const Batch& b, int32_t layer, const float* q, float* out) {
       total_cost += cost * n_kv_head;
     }
   }
-  std::stable_sort(items.begin(), items.end(), [](const TileItem& x, const TileItem& y) { return x.cost > y.cost; });
+  order_tiles(items);
 
-  const TileShape shape{q_dim, kv_dim, hd, group, scale};
+  // bf16 products where matmul uses them: prefill-sized batches under MatmulPrecision::BF16.
+  const bool bf16 = kernels_matmul_precision() == MatmulPrecision::BF16 && b.n_rows > MATMUL_FUSED_MAX_N;
+  const TileShape shape{q_dim, kv_dim, hd, group, scale, bf16};
   if (ops::TeamPass::active()) {
     run_tiles(items, sources, shape, q, out);  // every thread of the team computed the same items
   } else {

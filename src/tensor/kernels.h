@@ -89,6 +89,11 @@ struct AttentionTile {
   int32_t n_kv = 0;
   int64_t kv_stride = 0;  // floats between consecutive rows of K (and of V)
   int64_t n_keys0 = 1;
+  // Prefill tiles (16 or more query vectors of one key/value head) on CPUs with AVX512_BF16:
+  // queries, keys, probabilities and values rounded to bf16 and multiplied in pairs (f32 sums and
+  // softmax), about twice the speed; not exact (see MatmulPrecision::BF16, which sets it for
+  // prefill-sized batches). Elsewhere, or false: f32 throughout.
+  bool bf16 = false;
 };
 
 // Runs one tile on the calling thread (callers parallelise over tiles). Softmax in f32 with a
@@ -102,16 +107,18 @@ void silu_mul(float* gate, const float* up, int64_t n);
 void gelu_tanh(float* x, int64_t n);
 
 // Arithmetic matmul() and matmul_many() may use for prefill-sized products (n > MATMUL_FUSED_MAX_N;
-// decode-sized products are always exact):
+// decode-sized products are always exact), and the model's attention for batches of that size
+// (AttentionTile::bf16):
 //   EXACT (default): f32 multiplies and sums on exactly converted weights; logits agree with an
 //     f32 reference within 1e-4 relative.
 //   BF16: for every weight type, the activations (once per call) and the weights (f32, f16 and
 //     q8_0 panel by panel into per-thread scratch; bf16 used in place) are rounded to bf16, then
 //     multiplied with oneDNN's bf16 GEMM (f32 sums): about 2x the f32 GEMM's throughput where the
-//     CPU does bf16 natively (AVX512_BF16, AMX; elsewhere matmul stays exact). Not exact: logits
-//     move by up to ~1% of the largest one (0.4-1.2% measured on stories260K, llama-110m and
-//     tinyllama-1.1b, argmax kept at 95-99.5% of positions: bench/SPEED.md), far outside the 1e-4
-//     the runtime is tested to.
+//     CPU does bf16 natively (AVX512_BF16, AMX; elsewhere matmul stays exact). The attention of
+//     such batches rounds queries, keys, probabilities and values to bf16 too (AttentionTile::bf16).
+//     Not exact: logits move by up to ~1.5% of the largest one (0.8-1.4% measured on stories260K,
+//     llama-110m and tinyllama-1.1b, argmax kept at 95-100% of positions: bench/SPEED.md), far
+//     outside the 1e-4 the runtime is tested to.
 // The initial value comes from env BACKPROMPT_MATMUL ("bf16"; anything else: exact).
 // Process-wide; do not change it while kernels are running.
 enum class MatmulPrecision { EXACT, BF16 };

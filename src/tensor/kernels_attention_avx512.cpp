@@ -17,6 +17,7 @@
 // exp: exp_ps (kernels_avx512_math.h), relative error ~2e-7; masked-out keys give exactly 0.
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "backprompt/error.h"
 #include "tensor/kernels_simd.h"
@@ -28,6 +29,8 @@
 namespace backprompt::detail {
 
 namespace {
+
+#define BP_TARGET_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512bf16")))
 
 constexpr int L = 16;                     // f32 lanes per vector
 constexpr int MAX_HEAD_DIM = 128;         // wider heads take the portable path
@@ -41,6 +44,73 @@ inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
 BP_TARGET_AVX512 inline __mmask16 head_mask(int32_t head_dim, int v) {  // lanes of vector v in the head
   const int n = head_dim - v * L;
   return n >= L ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+}
+
+// r[c] <- column c of the 16 x 16 matrix whose rows are r[0..15].
+BP_TARGET_AVX512 inline void transpose16(__m512* r) {
+  __m512 t[16], u[16];
+  for (int k = 0; k < 8; ++k) {
+    t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+    t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+  }
+  for (int k = 0; k < 4; ++k) {  // u[4k + j]: in 128-bit lane c4, rows 4k..4k+3 of column 4 c4 + j
+    const __m512d a = _mm512_castps_pd(t[4 * k]), b = _mm512_castps_pd(t[4 * k + 2]);
+    const __m512d c = _mm512_castps_pd(t[4 * k + 1]), d = _mm512_castps_pd(t[4 * k + 3]);
+    u[4 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+    u[4 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    u[4 * k + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+    u[4 * k + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+  }
+  for (int j = 0; j < 4; ++j) {
+    const __m512 v0 = _mm512_shuffle_f32x4(u[j], u[4 + j], 0x88), v1 = _mm512_shuffle_f32x4(u[j], u[4 + j], 0xDD);
+    const __m512 w0 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0x88), w1 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0xDD);
+    r[j] = _mm512_shuffle_f32x4(v0, w0, 0x88);
+    r[8 + j] = _mm512_shuffle_f32x4(v0, w0, 0xDD);
+    r[4 + j] = _mm512_shuffle_f32x4(v1, w1, 0x88);
+    r[12 + j] = _mm512_shuffle_f32x4(v1, w1, 0xDD);
+  }
+}
+
+// qt[d][lane] = scale * query vector `lane`'s element d for the tile's n_q query vectors, 0 in the
+// other lanes up to NL: 16 x 16 blocks transposed in registers (scalar stores down the columns
+// of qt, one cache line apart, cost a fifth of a prefill tile's time).
+template <int NL>
+BP_TARGET_AVX512 void queries_transposed(const AttentionTile& t, float* qt) {
+  const int32_t hd = t.head_dim, n_q = t.n_rows * t.n_group;
+  const __m512 scale = _mm512_set1_ps(t.scale);
+  for (int32_t u = 0; u < NL; u += L) {
+    for (int32_t d0 = 0; d0 < hd; d0 += L) {
+      const __mmask16 mk = head_mask(hd, d0 / L);
+      __m512 r[L];
+      for (int32_t i = 0; i < L; ++i) {
+        const int32_t lane = u + i;
+        const float* q = t.q + (lane / t.n_group) * t.ldq + static_cast<int64_t>(lane % t.n_group) * hd + d0;
+        r[i] = lane < n_q ? _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, q), scale) : _mm512_setzero_ps();
+      }
+      transpose16(r);
+      for (int32_t c = 0; c < L && d0 + c < hd; ++c) _mm512_store_ps(qt + (d0 + c) * NL + u, r[c]);
+    }
+  }
+}
+
+// out of query vector `lane` = ot[.][lane] * inv_l[lane] for the tile's n_q query vectors (the
+// transpose of queries_transposed, same reason).
+template <int NL>
+BP_TARGET_AVX512 void outputs_transposed(const AttentionTile& t, const float* ot, const float* inv_l) {
+  const int32_t hd = t.head_dim, n_q = t.n_rows * t.n_group;
+  for (int32_t u = 0; u < NL && u < n_q; u += L) {
+    for (int32_t d0 = 0; d0 < hd; d0 += L) {
+      const __mmask16 mk = head_mask(hd, d0 / L);
+      __m512 r[L];
+      for (int32_t c = 0; c < L; ++c) r[c] = d0 + c < hd ? _mm512_load_ps(ot + (d0 + c) * NL + u) : _mm512_setzero_ps();
+      transpose16(r);
+      for (int32_t i = 0; i < L && u + i < n_q; ++i) {
+        const int32_t lane = u + i;
+        float* out = t.out + (lane / t.n_group) * t.ldo + static_cast<int64_t>(lane % t.n_group) * hd + d0;
+        _mm512_mask_storeu_ps(out, mk, _mm512_mul_ps(r[i], _mm512_set1_ps(inv_l[lane])));
+      }
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -116,10 +186,7 @@ BP_TARGET_AVX512 void tile_lanes(const AttentionTile& t) {
   alignas(64) float qt[MAX_HEAD_DIM * NL];  // [head_dim][NL] scaled queries, 0 in unused lanes
   alignas(64) float ot[MAX_HEAD_DIM * NL];  // [head_dim][NL] output accumulators
   alignas(64) float st[LANE_BLOCK * NL];    // [LANE_BLOCK][NL] scores, then probabilities
-  for (int32_t i = 0; i < NL; ++i) {
-    const float* q = t.q + (i / t.n_group) * t.ldq + static_cast<int64_t>(i % t.n_group) * hd;
-    for (int32_t d = 0; d < hd; ++d) qt[d * NL + i] = i < n_q ? q[d] * t.scale : 0.0f;
-  }
+  queries_transposed<NL>(t, qt);
   for (int32_t x = 0; x < hd * NL; x += L) _mm512_store_ps(ot + x, _mm512_setzero_ps());
 
   // Keys each lane sees; unused lanes see as many as the last row (their values are not used).
@@ -179,10 +246,205 @@ BP_TARGET_AVX512 void tile_lanes(const AttentionTile& t) {
 
   alignas(64) float inv_l[NL];
   for (int u = 0; u < NQV; ++u) _mm512_store_ps(inv_l + u * L, _mm512_div_ps(_mm512_set1_ps(1.0f), l[u]));
-  for (int32_t i = 0; i < n_q; ++i) {
-    float* out = t.out + (i / t.n_group) * t.ldo + static_cast<int64_t>(i % t.n_group) * hd;
-    for (int32_t d = 0; d < hd; ++d) out[d] = ot[d * NL + i] * inv_l[i];
+  outputs_transposed<NL>(t, ot, inv_l);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lanes shape with bf16 products (AttentionTile::bf16, CPUs with AVX512_BF16): the same blocks
+// and f32 softmax, but queries, keys, probabilities and values are rounded to bf16 (nearest
+// even) and multiplied in pairs with vdpbf16ps (f32 sums), half the instructions of the f32
+// FMAs. A pair is two bf16 in one 32-bit lane, the first in the low half:
+//   scores: pairs of head dimensions (2p, 2p + 1): qt2[p][lane] of the queries, and the key
+//           block rounded row by row into kb[key][head_dim], whose pair p is read as one 32-bit
+//           broadcast;
+//   values: pairs of keys (2i, 2i + 1): pt2[i][lane] of the probabilities, and the value block
+//           transposed into vt2[i][d] = (V[2i][d], V[2i + 1][d]) (a missing last key is 0).
+
+// Prefetches columns [c0, c1) of the row ahead_floats after `row` (an address, which may lie past
+// the end of the rows: prefetches never fault).
+BP_TARGET_AVX512 inline void prefetch_row(const float* row, int64_t ahead_floats, int64_t c0, int64_t c1) {
+  const uintptr_t at = reinterpret_cast<uintptr_t>(row) + static_cast<uintptr_t>(ahead_floats + c0) * sizeof(float);
+  for (int64_t b = 0; b < (c1 - c0) * static_cast<int64_t>(sizeof(float)); b += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(at + static_cast<uintptr_t>(b)), _MM_HINT_T0);
   }
+}
+
+// 16 x 32-bit pairs (lo[i] in the low half, hi[i] in the high half), both rounded to bf16.
+BP_TARGET_AVX512_BF16 inline __m512i bf16_pairs(__m512 lo, __m512 hi) {
+  const __m512i l = _mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(lo)));
+  const __m512i h = _mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(hi)));
+  return _mm512_or_si512(l, _mm512_slli_epi32(h, 16));
+}
+
+// st[r][lane] for RK keys of the rounded block kb (rows of head_dim bf16): as lane_scores.
+template <int NQV, int RK>
+BP_TARGET_AVX512_BF16 void lane_scores_bf16(const __m512i* qt2, int32_t n_pairs, const uint16_t* kb, int32_t head_dim,
+                                            int32_t key0, const __m512i* lim, float* st) {
+  constexpr int NL = NQV * L;
+  __m512 acc[RK][NQV];
+#pragma GCC unroll 4
+  for (int r = 0; r < RK; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NQV; ++v) acc[r][v] = _mm512_setzero_ps();
+  }
+  for (int32_t p = 0; p < n_pairs; ++p) {
+    __m512bh qv[NQV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NQV; ++v) qv[v] = reinterpret_cast<__m512bh>(_mm512_load_si512(qt2 + p * NQV + v));
+#pragma GCC unroll 4
+    for (int r = 0; r < RK; ++r) {
+      uint32_t pair;
+      std::memcpy(&pair, kb + r * head_dim + 2 * p, sizeof(pair));
+      const __m512bh kp = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(pair)));
+#pragma GCC unroll 4
+      for (int v = 0; v < NQV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], kp, qv[v]);
+    }
+  }
+  const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
+#pragma GCC unroll 4
+  for (int r = 0; r < RK; ++r) {
+    const __m512i key = _mm512_set1_epi32(key0 + r);
+#pragma GCC unroll 4
+    for (int v = 0; v < NQV; ++v) {
+      const __mmask16 seen = _mm512_cmpgt_epi32_mask(lim[v], key);
+      _mm512_store_ps(st + r * NL + v * L, _mm512_mask_blend_ps(seen, neg_inf, acc[r][v]));
+    }
+  }
+}
+
+// ot[d][lane] += sum_i vt2[i][d] · pt2[i][lane] for RD dims from d0 (vt2 rows of head_dim pairs).
+template <int NQV, int RD>
+BP_TARGET_AVX512_BF16 void lane_pv_bf16(const __m512i* pt2, int32_t n_pairs, const uint32_t* vt2, int32_t head_dim,
+                                        float* ot) {
+  constexpr int NL = NQV * L;
+  __m512 acc[RD][NQV];
+#pragma GCC unroll 4
+  for (int r = 0; r < RD; ++r) {
+#pragma GCC unroll 4
+    for (int u = 0; u < NQV; ++u) acc[r][u] = _mm512_load_ps(ot + r * NL + u * L);
+  }
+  for (int32_t i = 0; i < n_pairs; ++i) {
+    __m512bh p[NQV];
+#pragma GCC unroll 4
+    for (int u = 0; u < NQV; ++u) p[u] = reinterpret_cast<__m512bh>(_mm512_load_si512(pt2 + i * NQV + u));
+#pragma GCC unroll 4
+    for (int r = 0; r < RD; ++r) {
+      const __m512bh vp = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(vt2[i * head_dim + r])));
+#pragma GCC unroll 4
+      for (int u = 0; u < NQV; ++u) acc[r][u] = _mm512_dpbf16_ps(acc[r][u], vp, p[u]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < RD; ++r) {
+#pragma GCC unroll 4
+    for (int u = 0; u < NQV; ++u) _mm512_store_ps(ot + r * NL + u * L, acc[r][u]);
+  }
+}
+
+template <int NQV>
+BP_TARGET_AVX512_BF16 void tile_lanes_bf16(const AttentionTile& t) {
+  constexpr int NL = NQV * L;
+  const int32_t hd = t.head_dim, n_q = t.n_rows * t.n_group, n_dpairs = hd / 2;
+  alignas(64) __m512i qt2[MAX_HEAD_DIM / 2 * NQV];       // [head_dim / 2][NQV]: scaled query pairs, 0 in unused lanes
+  alignas(64) float ot[MAX_HEAD_DIM * NL];                // [head_dim][NL] output accumulators
+  alignas(64) float st[LANE_BLOCK * NL];                  // [LANE_BLOCK][NL] scores, then probabilities
+  alignas(64) __m512i pt2[LANE_BLOCK / 2 * NQV];          // [LANE_BLOCK / 2][NQV] probability pairs
+  alignas(64) uint16_t kb[LANE_BLOCK * MAX_HEAD_DIM];     // [LANE_BLOCK][head_dim] the key block as bf16
+  alignas(64) uint32_t vt2[LANE_BLOCK / 2 * MAX_HEAD_DIM];  // [LANE_BLOCK / 2][head_dim] value pairs
+  {
+    alignas(64) float qt[MAX_HEAD_DIM * NL];  // [head_dim][NL] scaled queries, as tile_lanes
+    queries_transposed<NL>(t, qt);
+    for (int32_t p = 0; p < n_dpairs; ++p) {
+      for (int v = 0; v < NQV; ++v) {
+        qt2[p * NQV + v] = bf16_pairs(_mm512_load_ps(qt + 2 * p * NL + v * L), _mm512_load_ps(qt + (2 * p + 1) * NL + v * L));
+      }
+    }
+  }
+  for (int32_t x = 0; x < hd * NL; x += L) _mm512_store_ps(ot + x, _mm512_setzero_ps());
+
+  __m512i lim[NQV];
+  __m512 m[NQV], l[NQV];
+  for (int u = 0; u < NQV; ++u) {
+    alignas(64) int32_t n_seen[L];
+    for (int32_t i = 0; i < L; ++i) {
+      const int32_t q = u * L + i < n_q ? u * L + i : n_q - 1;
+      n_seen[i] = static_cast<int32_t>(t.n_keys0 + q / t.n_group);
+    }
+    lim[u] = _mm512_load_si512(n_seen);
+    m[u] = _mm512_set1_ps(-INFINITY);
+    l[u] = _mm512_setzero_ps();
+  }
+  const __mmask16 tail = head_mask(hd, (hd - 1) / L);  // lanes of a row's last 16-float vector
+
+  const int64_t n_keys = t.n_keys0 + t.n_rows - 1;
+  int64_t key0 = 0;
+  for (int32_t src = 0; src < t.n_kv && key0 < n_keys; ++src) {
+    const KvRowsView& kv = t.kv[src];
+    const int64_t n_use = min_i64(kv.n, n_keys - key0);
+    for (int64_t j0 = 0; j0 < n_use; j0 += LANE_BLOCK) {
+      const int32_t n_block = static_cast<int32_t>(min_i64(LANE_BLOCK, n_use - j0));
+      const int32_t n_kpairs = (n_block + 1) / 2;
+      const float* k = kv.k + j0 * t.kv_stride;
+      const float* v = kv.v + j0 * t.kv_stride;
+      // The block's keys as bf16 rows, its values as pairs of rows (an odd block's last with 0).
+      const int64_t ahead = int64_t{LANE_BLOCK} * t.kv_stride;  // the next block's rows, for the cache
+      for (int32_t j = 0; j < n_block; ++j) {
+        prefetch_row(k + j * t.kv_stride, ahead, 0, hd);
+        prefetch_row(v + j * t.kv_stride, ahead, 0, hd);
+        for (int32_t d = 0; d < hd; d += L) {
+          const __mmask16 mk = d + L <= hd ? static_cast<__mmask16>(0xFFFF) : tail;
+          const __m256i b = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mk, k + j * t.kv_stride + d)));
+          _mm256_mask_storeu_epi16(kb + j * hd + d, mk, b);
+        }
+      }
+      for (int32_t i = 0; i < n_kpairs; ++i) {
+        const float* v0 = v + 2 * i * t.kv_stride;
+        const bool has_second = 2 * i + 1 < n_block;
+        for (int32_t d = 0; d < hd; d += L) {
+          const __mmask16 mk = d + L <= hd ? static_cast<__mmask16>(0xFFFF) : tail;
+          const __m512 a = _mm512_maskz_loadu_ps(mk, v0 + d);
+          const __m512 b = has_second ? _mm512_maskz_loadu_ps(mk, v0 + t.kv_stride + d) : _mm512_setzero_ps();
+          _mm512_mask_storeu_epi32(vt2 + i * hd + d, mk, bf16_pairs(a, b));
+        }
+      }
+
+      const int32_t key = static_cast<int32_t>(key0 + j0);
+      int32_t j = 0;
+      for (; j + 4 <= n_block; j += 4) lane_scores_bf16<NQV, 4>(qt2, n_dpairs, kb + j * hd, hd, key + j, lim, st + j * NL);
+      for (; j < n_block; ++j) lane_scores_bf16<NQV, 1>(qt2, n_dpairs, kb + j * hd, hd, key + j, lim, st + j * NL);
+
+      // Online softmax in f32, as tile_lanes; then the probabilities in pairs of keys.
+      for (int u = 0; u < NQV; ++u) {
+        __m512 m_block = _mm512_set1_ps(-INFINITY);
+        for (int32_t jj = 0; jj < n_block; ++jj) m_block = _mm512_max_ps(m_block, _mm512_load_ps(st + jj * NL + u * L));
+        const __m512 m_new = _mm512_max_ps(m[u], m_block);
+        const __m512 alpha = exp_ps(_mm512_sub_ps(m[u], m_new));
+        __m512 sum = _mm512_setzero_ps();
+        for (int32_t i = 0; i < n_kpairs; ++i) {
+          const __m512 p0 = exp_ps(_mm512_sub_ps(_mm512_load_ps(st + 2 * i * NL + u * L), m_new));
+          const __m512 p1 = 2 * i + 1 < n_block ? exp_ps(_mm512_sub_ps(_mm512_load_ps(st + (2 * i + 1) * NL + u * L), m_new))
+                                                : _mm512_setzero_ps();
+          pt2[i * NQV + u] = bf16_pairs(p0, p1);
+          sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
+        }
+        l[u] = _mm512_fmadd_ps(l[u], alpha, sum);
+        m[u] = m_new;
+        for (int32_t d = 0; d < hd; ++d) {
+          float* o = ot + d * NL + u * L;
+          _mm512_store_ps(o, _mm512_mul_ps(_mm512_load_ps(o), alpha));
+        }
+      }
+
+      int32_t d = 0;
+      for (; d + 4 <= hd; d += 4) lane_pv_bf16<NQV, 4>(pt2, n_kpairs, vt2 + d, hd, ot + d * NL);
+      for (; d < hd; ++d) lane_pv_bf16<NQV, 1>(pt2, n_kpairs, vt2 + d, hd, ot + d * NL);
+    }
+    key0 += kv.n;
+  }
+
+  alignas(64) float inv_l[NL];
+  for (int u = 0; u < NQV; ++u) _mm512_store_ps(inv_l + u * L, _mm512_div_ps(_mm512_set1_ps(1.0f), l[u]));
+  outputs_transposed<NL>(t, ot, inv_l);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -217,15 +479,6 @@ BP_TARGET_AVX512 void dot_pv(const float* p, const int64_t* col, int32_t n_block
   for (int i = 0; i < NI; ++i) {
 #pragma GCC unroll 8
     for (int u = 0; u < NV; ++u) _mm512_store_ps(o + i * NP + u * L, acc[i][u]);
-  }
-}
-
-// Prefetches columns [c0, c1) of the row ahead_floats after `row` (an address, which may lie past
-// the end of the rows: prefetches never fault).
-BP_TARGET_AVX512 inline void prefetch_row(const float* row, int64_t ahead_floats, int64_t c0, int64_t c1) {
-  const uintptr_t at = reinterpret_cast<uintptr_t>(row) + static_cast<uintptr_t>(ahead_floats + c0) * sizeof(float);
-  for (int64_t b = 0; b < (c1 - c0) * static_cast<int64_t>(sizeof(float)); b += 64) {
-    _mm_prefetch(reinterpret_cast<const char*>(at + static_cast<uintptr_t>(b)), _MM_HINT_T0);
   }
 }
 
@@ -332,6 +585,15 @@ BP_TARGET_AVX512 void attention_tile_avx512(const AttentionTile& t) {
     return;
   }
   if (n_q >= DOT_MAX_Q && t.n_kv_heads == 1) {
+    static const bool has_bf16 = __builtin_cpu_supports("avx512bf16");
+    if (t.bf16 && has_bf16 && t.head_dim % 2 == 0) {
+      switch ((n_q + L - 1) / L) {
+        case 1: tile_lanes_bf16<1>(t); return;
+        case 2: tile_lanes_bf16<2>(t); return;
+        case 3: tile_lanes_bf16<3>(t); return;
+        default: tile_lanes_bf16<4>(t); return;
+      }
+    }
     switch ((n_q + L - 1) / L) {
       case 1: tile_lanes<1>(t); return;
       case 2: tile_lanes<2>(t); return;
