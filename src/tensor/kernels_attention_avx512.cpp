@@ -113,8 +113,58 @@ BP_TARGET_AVX512 void outputs_transposed(const AttentionTile& t, const float* ot
   }
 }
 
+// The running softmax of a lanes tile, per vector of 16 query vectors: lim, the keys each lane
+// sees (unused lanes: as many as the last row; their values are not used); m, the running
+// maximum; l, the running sum.
+template <int NQV>
+BP_TARGET_AVX512 void lanes_start(const AttentionTile& t, __m512i* lim, __m512* m, __m512* l) {
+  const int32_t n_q = t.n_rows * t.n_group;
+  for (int u = 0; u < NQV; ++u) {
+    alignas(64) int32_t n_seen[L];
+    for (int32_t i = 0; i < L; ++i) {
+      const int32_t q = u * L + i < n_q ? u * L + i : n_q - 1;
+      n_seen[i] = static_cast<int32_t>(t.n_keys0 + q / t.n_group);
+    }
+    lim[u] = _mm512_load_si512(n_seen);
+    m[u] = _mm512_set1_ps(-INFINITY);
+    l[u] = _mm512_setzero_ps();
+  }
+}
+
+// One vector's step of the online softmax over a block of scores st[j * NL] (j < n_block): the new
+// maximum m, with the sum l and the accumulators ot[d * NL] (d < head_dim) scaled by e^(m - m_new)
+// to it. Returns m_new. Every lane sees key 0, so m is finite after the first block.
+template <int NL>
+BP_TARGET_AVX512 __m512 lanes_new_max(const float* st, int32_t n_block, int32_t head_dim, __m512& m, __m512& l, float* ot) {
+  __m512 m_block = _mm512_set1_ps(-INFINITY);
+  for (int32_t j = 0; j < n_block; ++j) m_block = _mm512_max_ps(m_block, _mm512_load_ps(st + j * NL));
+  const __m512 m_new = _mm512_max_ps(m, m_block);
+  const __m512 alpha = exp_ps(_mm512_sub_ps(m, m_new));
+  l = _mm512_mul_ps(l, alpha);
+  for (int32_t d = 0; d < head_dim; ++d) _mm512_store_ps(ot + d * NL, _mm512_mul_ps(_mm512_load_ps(ot + d * NL), alpha));
+  m = m_new;
+  return m_new;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Lanes shape: NQV vectors of 16 query vectors each.
+
+// st[r][lane] = acc[r][lane / 16][lane % 16] for RK keys from key0, or -inf where the lane's row
+// does not see the key (key0 + r >= lim[lane]).
+template <int NQV, int RK>
+BP_TARGET_AVX512 inline void store_scores(const __m512 (&acc)[RK][NQV], int32_t key0, const __m512i* lim, float* st) {
+  constexpr int NL = NQV * L;
+  const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
+#pragma GCC unroll 4
+  for (int r = 0; r < RK; ++r) {
+    const __m512i key = _mm512_set1_epi32(key0 + r);
+#pragma GCC unroll 4
+    for (int v = 0; v < NQV; ++v) {
+      const __mmask16 seen = _mm512_cmpgt_epi32_mask(lim[v], key);
+      _mm512_store_ps(st + r * NL + v * L, _mm512_mask_blend_ps(seen, neg_inf, acc[r][v]));
+    }
+  }
+}
 
 // st[r][lane] for RK keys from row k (stride ks): scores, or -inf where the lane's row does not
 // see the key (key index key0 + r >= lim[lane]).
@@ -139,16 +189,7 @@ BP_TARGET_AVX512 void lane_scores(const float* qt, int32_t head_dim, const float
       for (int v = 0; v < NQV; ++v) acc[r][v] = _mm512_fmadd_ps(kb, qv[v], acc[r][v]);
     }
   }
-  const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
-#pragma GCC unroll 4
-  for (int r = 0; r < RK; ++r) {
-    const __m512i key = _mm512_set1_epi32(key0 + r);
-#pragma GCC unroll 4
-    for (int v = 0; v < NQV; ++v) {
-      const __mmask16 seen = _mm512_cmpgt_epi32_mask(lim[v], key);
-      _mm512_store_ps(st + r * NL + v * L, _mm512_mask_blend_ps(seen, neg_inf, acc[r][v]));
-    }
-  }
+  store_scores<NQV, RK>(acc, key0, lim, st);
 }
 
 // ot[d][lane] += sum_j V[j][d] * st[j][lane] for RD dims from d0, over n_block keys.
@@ -182,26 +223,16 @@ BP_TARGET_AVX512 void lane_pv(const float* st, int32_t n_block, const float* v, 
 template <int NQV>
 BP_TARGET_AVX512 void tile_lanes(const AttentionTile& t) {
   constexpr int NL = NQV * L;
-  const int32_t hd = t.head_dim, n_q = t.n_rows * t.n_group;
+  const int32_t hd = t.head_dim;
   alignas(64) float qt[MAX_HEAD_DIM * NL];  // [head_dim][NL] scaled queries, 0 in unused lanes
   alignas(64) float ot[MAX_HEAD_DIM * NL];  // [head_dim][NL] output accumulators
   alignas(64) float st[LANE_BLOCK * NL];    // [LANE_BLOCK][NL] scores, then probabilities
   queries_transposed<NL>(t, qt);
   for (int32_t x = 0; x < hd * NL; x += L) _mm512_store_ps(ot + x, _mm512_setzero_ps());
 
-  // Keys each lane sees; unused lanes see as many as the last row (their values are not used).
   __m512i lim[NQV];
   __m512 m[NQV], l[NQV];
-  for (int u = 0; u < NQV; ++u) {
-    alignas(64) int32_t n_seen[L];
-    for (int32_t i = 0; i < L; ++i) {
-      const int32_t q = u * L + i < n_q ? u * L + i : n_q - 1;
-      n_seen[i] = static_cast<int32_t>(t.n_keys0 + q / t.n_group);
-    }
-    lim[u] = _mm512_load_si512(n_seen);
-    m[u] = _mm512_set1_ps(-INFINITY);
-    l[u] = _mm512_setzero_ps();
-  }
+  lanes_start<NQV>(t, lim, m, l);
 
   const int64_t n_keys = t.n_keys0 + t.n_rows - 1;  // keys the last row sees
   int64_t key0 = 0;
@@ -218,22 +249,14 @@ BP_TARGET_AVX512 void tile_lanes(const AttentionTile& t) {
 
       // Online softmax: every lane sees key 0, so m is finite after the first block.
       for (int u = 0; u < NQV; ++u) {
-        __m512 m_block = _mm512_set1_ps(-INFINITY);
-        for (int32_t jj = 0; jj < n_block; ++jj) m_block = _mm512_max_ps(m_block, _mm512_load_ps(st + jj * NL + u * L));
-        const __m512 m_new = _mm512_max_ps(m[u], m_block);
-        const __m512 alpha = exp_ps(_mm512_sub_ps(m[u], m_new));
+        const __m512 m_new = lanes_new_max<NL>(st + u * L, n_block, hd, m[u], l[u], ot + u * L);
         __m512 sum = _mm512_setzero_ps();
         for (int32_t jj = 0; jj < n_block; ++jj) {
           const __m512 p = exp_ps(_mm512_sub_ps(_mm512_load_ps(st + jj * NL + u * L), m_new));
           _mm512_store_ps(st + jj * NL + u * L, p);
           sum = _mm512_add_ps(sum, p);
         }
-        l[u] = _mm512_fmadd_ps(l[u], alpha, sum);
-        m[u] = m_new;
-        for (int32_t d = 0; d < hd; ++d) {
-          float* o = ot + d * NL + u * L;
-          _mm512_store_ps(o, _mm512_mul_ps(_mm512_load_ps(o), alpha));
-        }
+        l[u] = _mm512_add_ps(l[u], sum);
       }
 
       const float* v = kv.v + j0 * t.kv_stride;
@@ -280,7 +303,6 @@ BP_TARGET_AVX512_BF16 inline __m512i bf16_pairs(__m512 lo, __m512 hi) {
 template <int NQV, int RK>
 BP_TARGET_AVX512_BF16 void lane_scores_bf16(const __m512i* qt2, int32_t n_pairs, const uint16_t* kb, int32_t head_dim,
                                             int32_t key0, const __m512i* lim, float* st) {
-  constexpr int NL = NQV * L;
   __m512 acc[RK][NQV];
 #pragma GCC unroll 4
   for (int r = 0; r < RK; ++r) {
@@ -300,16 +322,7 @@ BP_TARGET_AVX512_BF16 void lane_scores_bf16(const __m512i* qt2, int32_t n_pairs,
       for (int v = 0; v < NQV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], kp, qv[v]);
     }
   }
-  const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
-#pragma GCC unroll 4
-  for (int r = 0; r < RK; ++r) {
-    const __m512i key = _mm512_set1_epi32(key0 + r);
-#pragma GCC unroll 4
-    for (int v = 0; v < NQV; ++v) {
-      const __mmask16 seen = _mm512_cmpgt_epi32_mask(lim[v], key);
-      _mm512_store_ps(st + r * NL + v * L, _mm512_mask_blend_ps(seen, neg_inf, acc[r][v]));
-    }
-  }
+  store_scores<NQV, RK>(acc, key0, lim, st);
 }
 
 // ot[d][lane] += sum_i vt2[i][d] · pt2[i][lane] for RD dims from d0 (vt2 rows of head_dim pairs).
@@ -344,7 +357,7 @@ BP_TARGET_AVX512_BF16 void lane_pv_bf16(const __m512i* pt2, int32_t n_pairs, con
 template <int NQV>
 BP_TARGET_AVX512_BF16 void tile_lanes_bf16(const AttentionTile& t) {
   constexpr int NL = NQV * L;
-  const int32_t hd = t.head_dim, n_q = t.n_rows * t.n_group, n_dpairs = hd / 2;
+  const int32_t hd = t.head_dim, n_dpairs = hd / 2;
   alignas(64) __m512i qt2[MAX_HEAD_DIM / 2 * NQV];       // [head_dim / 2][NQV]: scaled query pairs, 0 in unused lanes
   alignas(64) float ot[MAX_HEAD_DIM * NL];                // [head_dim][NL] output accumulators
   alignas(64) float st[LANE_BLOCK * NL];                  // [LANE_BLOCK][NL] scores, then probabilities
@@ -364,16 +377,7 @@ BP_TARGET_AVX512_BF16 void tile_lanes_bf16(const AttentionTile& t) {
 
   __m512i lim[NQV];
   __m512 m[NQV], l[NQV];
-  for (int u = 0; u < NQV; ++u) {
-    alignas(64) int32_t n_seen[L];
-    for (int32_t i = 0; i < L; ++i) {
-      const int32_t q = u * L + i < n_q ? u * L + i : n_q - 1;
-      n_seen[i] = static_cast<int32_t>(t.n_keys0 + q / t.n_group);
-    }
-    lim[u] = _mm512_load_si512(n_seen);
-    m[u] = _mm512_set1_ps(-INFINITY);
-    l[u] = _mm512_setzero_ps();
-  }
+  lanes_start<NQV>(t, lim, m, l);
   const __mmask16 tail = head_mask(hd, (hd - 1) / L);  // lanes of a row's last 16-float vector
 
   const int64_t n_keys = t.n_keys0 + t.n_rows - 1;
@@ -415,10 +419,7 @@ BP_TARGET_AVX512_BF16 void tile_lanes_bf16(const AttentionTile& t) {
 
       // Online softmax in f32, as tile_lanes; then the probabilities in pairs of keys.
       for (int u = 0; u < NQV; ++u) {
-        __m512 m_block = _mm512_set1_ps(-INFINITY);
-        for (int32_t jj = 0; jj < n_block; ++jj) m_block = _mm512_max_ps(m_block, _mm512_load_ps(st + jj * NL + u * L));
-        const __m512 m_new = _mm512_max_ps(m[u], m_block);
-        const __m512 alpha = exp_ps(_mm512_sub_ps(m[u], m_new));
+        const __m512 m_new = lanes_new_max<NL>(st + u * L, n_block, hd, m[u], l[u], ot + u * L);
         __m512 sum = _mm512_setzero_ps();
         for (int32_t i = 0; i < n_kpairs; ++i) {
           const __m512 p0 = exp_ps(_mm512_sub_ps(_mm512_load_ps(st + 2 * i * NL + u * L), m_new));
@@ -427,12 +428,7 @@ BP_TARGET_AVX512_BF16 void tile_lanes_bf16(const AttentionTile& t) {
           pt2[i * NQV + u] = bf16_pairs(p0, p1);
           sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
         }
-        l[u] = _mm512_fmadd_ps(l[u], alpha, sum);
-        m[u] = m_new;
-        for (int32_t d = 0; d < hd; ++d) {
-          float* o = ot + d * NL + u * L;
-          _mm512_store_ps(o, _mm512_mul_ps(_mm512_load_ps(o), alpha));
-        }
+        l[u] = _mm512_add_ps(l[u], sum);
       }
 
       int32_t d = 0;
