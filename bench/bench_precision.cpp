@@ -1,6 +1,6 @@
 // bench_precision: how far MatmulPrecision::BF16 (prefill GEMMs in bf16: activations and, unless
-// they are bf16 already, weights rounded to bf16) moves logits from the exact f32 arithmetic, on
-// one model and its own weights (f32, f16, bf16 or q8_0).
+// they are bf16 already, weights rounded to bf16; and the prefill attention's operands) moves
+// logits from the exact f32 arithmetic, on one model and its own weights (f32, f16, bf16 or q8_0).
 //
 //   bench_precision MODEL [-n TOKENS] [--text FILE] [--weights f16|bf16|q8_0]
 //

@@ -21,7 +21,8 @@
 #   pp/peak   useful prefill FLOP/s (2 x weight-matrix elements + causal attention, per token)
 #             over the peak GEMM throughput of the arithmetic used (f32 sgemm; bf16 GEMM for the
 #             starred rows "f16*", "bf16*", "q8_0*", which run the same model with
-#             BACKPROMPT_MATMUL=bf16: activations and weights rounded to bf16, not exact)
+#             BACKPROMPT_MATMUL=bf16: activations, weights and the attention's operands rounded
+#             to bf16, not exact)
 #   tg/bw     bytes a decode step must read (every weight matrix except the embedding table, plus
 #             the f32 K/V of the 576 positions attended to on average) x tg128 / read bandwidth
 #             measured next to that row (`bench_limits --bandwidth` just before and just after it,
@@ -203,7 +204,7 @@ for r in rows:
 print(f"limits: f32 GEMM {limits.get('gemm_f32', 0):.0f} GFLOP/s, bf16 GEMM {limits.get('gemm_bf16', 0):.0f} GFLOP/s, "
       f"int8 GEMM {limits.get('gemm_s8', 0):.0f} GOP/s, read bandwidth {limits.get('bandwidth', 0):.1f} GB/s (all threads); "
       f"highest read bandwidth in the run {bw_best:.1f} GB/s")
-print("f16*, bf16*, q8_0*: BACKPROMPT_MATMUL=bf16 (activations and weights rounded to bf16 in prefill GEMMs; not exact); "
+print("f16*, bf16*, q8_0*: BACKPROMPT_MATMUL=bf16 (activations, weights and attention operands rounded to bf16 in prefill; not exact); "
       "bf16 rows are compared with llama.cpp's f16 figures")
 EOF
 echo "(logs in $out/speed-*.txt; on a shared machine figures are noisy: compare runs made under the same load)"
