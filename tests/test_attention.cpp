@@ -187,6 +187,15 @@ TEST(Attention, Bf16TilesNearDoubleReference) {
     EXPECT_GT(max_diff, 1e-5) << "head_dim " << c.head_dim << ": the bf16 tile gave the f32 tile's outputs";
     ++seed;
   }
+  // An odd head size has no pairs of dimensions: the f32 tile runs instead, with the same outputs.
+  const Case odd{9, 1, 20, 1, {5}, 1.0f};
+  const std::vector<float> exact = check_case(odd, 900);
+  const std::vector<float> flagged = check_case(odd, 900, true);
+  for (size_t i = 0; i < exact.size(); ++i) {
+    if (!std::isnan(exact[i])) {
+      ASSERT_EQ(exact[i], flagged[i]) << "odd head size, output " << i;
+    }
+  }
 }
 
 TEST(Attention, LongContext) {
