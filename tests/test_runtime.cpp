@@ -63,6 +63,22 @@ TEST_P(RuntimeContinuation, StepwiseEqualsFullPass) {
   ASSERT_EQ(done, tokens.size());
 }
 
+// A long prefill stores its K/V with the whole team (store_kv's shared copy, over 64 KiB); short
+// steps store theirs on one thread. Both must give the same logits at every position.
+TEST_P(RuntimeContinuation, LongPrefillEqualsShortSteps) {
+  const auto model = bp::Model::load(generated_model(GetParam().arch, GetParam().dtype));
+  const int32_t V = model->config().n_vocab;
+  const std::vector<int32_t> tokens = random_tokens(V, 256, 11);
+  ASSERT_GE(2 * tokens.size() * model->config().kv_dim() * sizeof(float), size_t{64} << 10);
+  const std::vector<float> ref = full_pass(*model, tokens);
+  bp::Sequence seq(*model);
+  for (size_t done = 0; done < tokens.size(); done += 16) {
+    const std::vector<float> got = seq.append(std::span<const int32_t>(tokens.data() + done, 16), bp::LogitsMode::ALL);
+    for (size_t i = 0; i < 16; ++i)
+      expect_close(got.data() + i * V, ref.data() + (done + i) * V, V, "position " + std::to_string(done + i));
+  }
+}
+
 TEST_P(RuntimeContinuation, RaggedBatchOverSharedAncestorsEqualsFullPasses) {
   const auto model = bp::Model::load(generated_model(GetParam().arch, GetParam().dtype));
   const bp::ModelConfig& c = model->config();

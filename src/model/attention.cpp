@@ -57,8 +57,9 @@ struct StorePiece {
   int which;
 };
 constexpr int64_t STORE_PIECE_BYTES = int64_t{1} << 20;
-// Below this many bytes in all, store_kv copies on the calling thread.
-constexpr int64_t STORE_PARALLEL_MIN_BYTES = int64_t{256} << 10;
+// Below this many bytes in all, store_kv copies on the calling thread (a 256-token prefill of the
+// tests' tiny models is above it, so the shared copy is tested against stepwise passes).
+constexpr int64_t STORE_PARALLEL_MIN_BYTES = int64_t{64} << 10;
 
 void store_piece(const Batch& b, int32_t layer, const float* k, const float* v, const StorePiece& p) {
   const int64_t kv_dim = b.cfg.kv_dim();
@@ -77,7 +78,12 @@ void store_piece(const Batch& b, int32_t layer, const float* k, const float* v, 
 void store_kv(const Batch& b, int32_t layer, const float* k, const float* v) {
   const int64_t row_bytes = b.cfg.kv_dim() * static_cast<int64_t>(sizeof(float));
   const int64_t max_rows = std::max<int64_t>(1, STORE_PIECE_BYTES / row_bytes);
-  std::vector<StorePiece> pieces;
+  // Kept between calls (decode calls this per layer and thread). Referred to through `pieces`
+  // below, so that the threads of a parallel region opened here read the caller's list, not
+  // their own thread_local one.
+  thread_local std::vector<StorePiece> kept;
+  std::vector<StorePiece>& pieces = kept;
+  pieces.clear();
   for (int64_t s = 0; s < static_cast<int64_t>(b.spans.size()); ++s) {
     const int64_t n = b.row0[s + 1] - b.row0[s];
     const int64_t piece_rows = std::clamp<int64_t>((n + 7) / 8, 1, max_rows);
