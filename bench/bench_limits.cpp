@@ -1,6 +1,6 @@
 // bench_limits: the machine's own limits, which backprompt's speed is measured against.
 //
-//   bench_limits [-t THREADS] [--quick] [--bandwidth]
+//   bench_limits [-t THREADS] [--quick] [--bandwidth [--file PATH]]
 //
 // - Peak GEMM throughput per arithmetic type, with oneDNN (the library backprompt's prefill uses):
 //   f32 (dnnl_sgemm), bf16 (matmul primitive, bf16 x bf16 -> f32) and int8 (u8 x s8 -> s32), on
@@ -13,13 +13,21 @@
 // run is the one least disturbed. Measured with 1 thread and with THREADS (default: all cores).
 // --bandwidth measures only the read bandwidth with THREADS (about a second): bench/speed.sh
 // runs it next to each decode measurement, because a shared machine's bandwidth drifts (2x
-// within minutes has been seen).
+// within minutes has been seen). --bandwidth --file PATH also reads PATH the way decode reads
+// weights (a read-only shared mapping of the file, through the page cache; one pass to fault it
+// in, then the same loop): on some hosts such pages read slower than fresh anonymous memory, and
+// this is the bound decode actually works against.
 //
 // The last lines are machine-readable, for bench/speed.sh:
-//   limit <name> <value>     gemm_f32, gemm_bf16, gemm_s8 (GFLOP/s or GOP/s), bandwidth (GB/s),
+//   limit <name> <value>     gemm_f32, gemm_bf16, gemm_s8 (GFLOP/s or GOP/s), bandwidth and
+//                            file_bandwidth (GB/s),
 //                            with THREADS threads; the same names suffixed _1t for one thread.
 #include <dnnl.h>
+#include <fcntl.h>
 #include <omp.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -144,6 +152,25 @@ double read_bandwidth(const uint8_t* buf, size_t bytes, double min_s) {
   return static_cast<double>(bytes) / s / 1e9;
 }
 
+// read_bandwidth over a read-only shared mapping of the file at `path`; -1 if it cannot be read.
+double file_bandwidth(const std::string& path, int n_threads, double min_s) {
+  const int fd = open(path.c_str(), O_RDONLY);
+  if (fd < 0) return -1;
+  struct stat st {};
+  if (fstat(fd, &st) != 0 || st.st_size <= 0) {
+    close(fd);
+    return -1;
+  }
+  const size_t size = static_cast<size_t>(st.st_size);
+  void* p = mmap(nullptr, size, PROT_READ, MAP_SHARED, fd, 0);
+  close(fd);
+  if (p == MAP_FAILED) return -1;
+  const size_t unit = size_t{4096} * static_cast<size_t>(n_threads);  // every thread reads whole pages
+  const double gbs = size >= unit ? read_bandwidth(static_cast<const uint8_t*>(p), size / unit * unit, min_s) : -1;
+  munmap(p, size);
+  return gbs;
+}
+
 std::string cpu_name() {
   std::ifstream in("/proc/cpuinfo");
   std::string line;
@@ -174,6 +201,7 @@ const char* isa_name(dnnl_cpu_isa_t isa) {
 int main(int argc, char** argv) {
   int n_threads = omp_get_num_procs();
   bool quick = false, bandwidth_only = false;
+  std::string file;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if ((a == "-t" || a == "--threads") && i + 1 < argc) {
@@ -182,8 +210,10 @@ int main(int argc, char** argv) {
       quick = true;
     } else if (a == "--bandwidth") {
       bandwidth_only = true;
+    } else if (a == "--file" && i + 1 < argc) {
+      file = argv[++i];
     } else {
-      std::fprintf(stderr, "usage: bench_limits [-t THREADS] [--quick] [--bandwidth]\n");
+      std::fprintf(stderr, "usage: bench_limits [-t THREADS] [--quick] [--bandwidth [--file PATH]]\n");
       return 2;
     }
   }
@@ -198,6 +228,14 @@ int main(int argc, char** argv) {
   if (bandwidth_only) {
     omp_set_num_threads(n_threads);
     std::printf("limit bandwidth %.1f\n", read_bandwidth(buf.get(), bytes, min_s));
+    if (!file.empty()) {
+      const double gbs = file_bandwidth(file, n_threads, min_s);
+      if (gbs < 0) {
+        std::fprintf(stderr, "bench_limits: cannot read %s\n", file.c_str());
+        return 1;
+      }
+      std::printf("limit file_bandwidth %.1f\n", gbs);
+    }
     return 0;
   }
 

@@ -29,6 +29,10 @@
 #             the higher of the two, in brackets): a shared machine's bandwidth drifts by up to 2x
 #             within minutes, so a limit taken minutes earlier says little about this row
 #   tg/bw max the same over the highest bandwidth measured anywhere in the run (the stricter figure)
+#   tg/file bw the same over the rate at which a plain read loop reads the model file's own mapped
+#             pages (`bench_limits --bandwidth --file`, just before and after the row, the higher):
+#             decode reads its weights from those pages, and on some hosts (this VM) page-cache
+#             pages read markedly slower than fresh anonymous memory
 #   llama.cpp the issue's figures for the same shapes (February 2025 build, 2 threads, AVX-512 EPYC);
 #             starred rows against the same type's, bf16 against f16's (the issue has no bf16 figures)
 set -euo pipefail
@@ -65,21 +69,24 @@ build/bench_limits "${threads_arg[@]}" | tee "$limits_log"
 echo "== backprompt bench (pp512, tg128, $reps reps after a warm-up)"
 results=$out/speed-results.txt
 : >"$results"
-bandwidth_probe() { build/bench_limits "${threads_arg[@]}" --bandwidth | awk '/^limit bandwidth/ { print $3 }'; }
-bw_before=$(bandwidth_probe)
+# "<anonymous memory GB/s> <the model file's mapped pages GB/s>"
+bandwidth_probe() {
+  build/bench_limits "${threads_arg[@]}" --bandwidth --file "$1" |
+    awk '/^limit bandwidth/ { a = $3 } /^limit file_bandwidth/ { f = $3 } END { print a, f }'
+}
 for r in "${runs[@]}"; do
   read -r preset dt label f envs <<<"$r"
   log=$out/speed-$preset-$label.txt
-  echo "-- $preset $label (read bandwidth just before: $bw_before GB/s)"
+  read -r bw_before fbw_before <<<"$(bandwidth_probe "$f")"
+  echo "-- $preset $label (read bandwidth just before: $bw_before GB/s, the model file's pages $fbw_before GB/s)"
   if [ "$envs" = - ]; then
     "$bp" bench -m "$f" -p 512 -n 128 -r "$reps" "${threads_arg[@]}" | tee "$log"
   else
     env "$envs" "$bp" bench -m "$f" -p 512 -n 128 -r "$reps" "${threads_arg[@]}" | tee "$log"
   fi
-  bw_after=$(bandwidth_probe)
-  echo "   read bandwidth just after: $bw_after GB/s"
-  echo "$preset $label $f $log $bw_before $bw_after" >>"$results"
-  bw_before=$bw_after
+  read -r bw_after fbw_after <<<"$(bandwidth_probe "$f")"
+  echo "   read bandwidth just after: $bw_after GB/s, the model file's pages $fbw_after GB/s"
+  echo "$preset $label $f $log $bw_before $bw_after $fbw_before $fbw_after" >>"$results"
 done
 
 # The limits again: on a shared machine, other work during one of the two measurements would
@@ -149,8 +156,9 @@ bw_best = limits.get("bandwidth", 0.0)
 for line in open(sys.argv[2]):
     bw_best = max([bw_best] + [float(x) for x in line.split()[4:6]])
 for line in open(sys.argv[2]):
-    preset, label, path, log, bw_before, bw_after = line.split()
+    preset, label, path, log, bw_before, bw_after, fbw_before, fbw_after = line.split()
     bw_near = max(float(bw_before), float(bw_after))
+    fbw_near = max(float(fbw_before), float(fbw_after))
     text = open(log).read()
     pp, pp_sd = fmt_rate(next((l for l in text.splitlines() if l.startswith("pp")), ""))
     tg, tg_sd = fmt_rate(next((l for l in text.splitlines() if l.startswith("tg")), ""))
@@ -191,12 +199,13 @@ for line in open(sys.argv[2]):
         f"{pp * flop_per_token / 1e9:.0f} GF/s {100 * pp * flop_per_token / 1e9 / peak:.0f}%" if pp and peak else "-",
         f"{tg * read_bytes / 1e9:.1f} GB/s {100 * tg * read_bytes / 1e9 / bw_near:.0f}% ({bw_near:.0f})" if tg else "-",
         f"{100 * tg * read_bytes / 1e9 / bw_best:.0f}%" if tg and bw_best else "-",
+        f"{100 * tg * read_bytes / 1e9 / fbw_near:.0f}% ({fbw_near:.0f})" if tg and fbw_near else "-",
         f"{float(rss.group(1)):.0f} MiB" if rss else "-",
         f"{ref[0]:g} / {ref[1]:g}" if ref else "-",
         f"{pp / ref[0]:.2f}x / {tg / ref[1]:.2f}x" if ref and pp and tg else "-",
     ])
 
-head = ["model", "type", "pp512 tok/s", "tg128 tok/s", "pp/peak", "tg/bw (bw near)", "tg/bw max", "peak RSS", "llama.cpp pp/tg", "ours/llama.cpp"]
+head = ["model", "type", "pp512 tok/s", "tg128 tok/s", "pp/peak", "tg/bw (bw near)", "tg/bw max", "tg/file bw", "peak RSS", "llama.cpp pp/tg", "ours/llama.cpp"]
 width = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
 print("  ".join(h.ljust(w) for h, w in zip(head, width)))
 for r in rows:
