@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 #include <omp.h>
 
+#include <climits>
 #include <cmath>
 #include <random>
 #include <string>
@@ -30,8 +31,11 @@ struct Case {
 };
 
 // Runs one case on the current ISA; fails if any output is off by more than tol * max|v| (|v| of
-// normal values: about 4). Returns the outputs ([n_rows][q_dim]).
-std::vector<float> check_case(const Case& c, uint32_t seed, bool bf16 = false, double tol = 2e-5) {
+// normal values: about 4). Returns the outputs ([n_rows][q_dim]). With `runs` (the first keys of
+// runs after the first, ascending, each below n_keys0), the tile runs as one partial tile per run
+// of keys, each over its piece of the chain, combined by attention_merge (decode's split).
+std::vector<float> check_case(const Case& c, uint32_t seed, bool bf16 = false, double tol = 2e-5,
+                              const std::vector<int64_t>& runs = {}) {
   const int32_t hd = c.head_dim, n_kv_head = 4, kv_head = 1;
   const int64_t kv_dim = int64_t{n_kv_head} * hd + 3;  // row stride with a gap after the heads
   const int64_t q_dim = int64_t{c.n_group} * n_kv_head * hd;
@@ -72,11 +76,38 @@ std::vector<float> check_case(const Case& c, uint32_t seed, bool bf16 = false, d
   t.kv_stride = kv_dim;
   t.n_keys0 = n_past + 1;
   t.bf16 = bf16;
-  bp::attention_tile(t);
+  if (runs.empty()) {
+    bp::attention_tile(t);
+  } else {
+    std::vector<int64_t> begin = {0};
+    begin.insert(begin.end(), runs.begin(), runs.end());
+    const int64_t n_q = int64_t{c.n_rows} * n_heads;
+    std::vector<std::vector<float>> parts(begin.size(), std::vector<float>(static_cast<size_t>(n_q * (hd + 2)), std::nanf("")));
+    for (size_t r = 0; r < begin.size(); ++r) {
+      const int64_t a = begin[r], z = r + 1 < begin.size() ? begin[r + 1] : INT64_MAX;
+      std::vector<bp::KvRowsView> piece;  // the chain's rows [a, z)
+      int64_t key0 = 0;
+      for (const bp::KvRowsView& src : kv) {
+        const int64_t from = std::max(a, key0), to = std::min(z, key0 + src.n);
+        if (from < to) piece.push_back({src.k + (from - key0) * kv_dim, src.v + (from - key0) * kv_dim, to - from});
+        key0 += src.n;
+      }
+      bp::AttentionTile run = t;
+      run.kv = piece.data();
+      run.n_kv = static_cast<int32_t>(piece.size());
+      run.n_keys0 = std::min(t.n_keys0, z) - a;
+      run.partial = parts[r].data();
+      bp::attention_tile(run);
+      for (float x : parts[r]) EXPECT_FALSE(std::isnan(x)) << "run " << r << " left a partial result unwritten";
+    }
+    std::vector<const float*> ptrs;
+    for (const std::vector<float>& p : parts) ptrs.push_back(p.data());
+    bp::attention_merge(t, ptrs.data(), static_cast<int>(ptrs.size()));
+  }
 
   const std::string what = std::string("isa=") + bp::kernels_isa() + (bf16 ? " bf16" : "") + " head_dim=" + std::to_string(hd) +
                            " kv_heads=" + std::to_string(c.n_kv_heads) + " group=" + std::to_string(c.n_group) + " rows=" + std::to_string(c.n_rows) +
-                           " past=" + std::to_string(n_past);
+                           " past=" + std::to_string(n_past) + " runs=" + std::to_string(runs.size() + 1);
   for (int32_t r = 0; r < c.n_rows; ++r) {
     for (int32_t h = 0; h < n_heads; ++h) {
       const float* qv = q.data() + r * q_dim + head0 + int64_t{h} * hd;
@@ -152,6 +183,35 @@ TEST(Attention, TileMatchesDoubleReference) {
     for (const Case& c : cases) {
       check_case(c, seed++);
       if (::testing::Test::HasFatalFailure()) return;
+    }
+  }
+}
+
+// Decode's split of a long context: partial tiles over runs of the keys (run boundaries inside
+// and between sources), combined, equal the whole tile's softmax.
+TEST(Attention, PartialRunsMergeToDoubleReference) {
+  IsaRestore restore;
+  struct SplitCase {
+    Case c;
+    std::vector<int64_t> runs;
+  };
+  const std::vector<SplitCase> cases = {
+      {{64, 1, 1, 1, {300}, 1.0f}, {150}},               // decode, two runs of one source
+      {{64, 1, 1, 1, {5, 130, 7}, 1.0f}, {60, 135}},     // three runs across source boundaries
+      {{64, 1, 1, 3, {200}, 1.0f}, {67, 134}},           // three key/value heads at once
+      {{64, 8, 1, 2, {100}, 1.0f}, {50}},                // grouped-query, 16 query vectors
+      {{64, 2, 3, 2, {90}, 1.0f}, {30, 60}},             // a short span: its own keys in the last run
+      {{80, 1, 2, 3, {33}, 1.0f}, {11}},                 // head_dim not a multiple of 16
+      {{16, 4, 4, 1, {40}, 1.0f}, {20}},                 // 16 query vectors of one head
+      {{64, 4, 5, 3, {70}, 1.0f}, {35}},                 // 60 query vectors (portable)
+      {{64, 1, 1, 1, {400}, 8.0f}, {100, 200, 300}},     // peaked softmax: the maximum in one run
+  };
+  uint32_t seed = 700;
+  for (const std::string& isa : {std::string("scalar"), available_isas().back()}) {
+    ASSERT_TRUE(bp::kernels_force_isa(isa));
+    for (const SplitCase& sc : cases) {
+      check_case(sc.c, seed++, false, 2e-5, sc.runs);
+      if (::testing::Test::HasFailure()) return;
     }
   }
 }

@@ -65,8 +65,8 @@ std::pair<double, double> stats(const bp::gguf::TensorInfo& t) {
 TEST(MakeModelPresets, PerArchitecture) {
   auto gpt2 = bp::make_model_presets(bp::Arch::GPT2);
   auto llama = bp::make_model_presets(bp::Arch::LLAMA);
-  EXPECT_EQ(gpt2, (std::vector<std::string>{"tiny", "gpt2-124m"}));
-  EXPECT_EQ(llama, (std::vector<std::string>{"tiny", "llama-110m", "tinyllama-1.1b"}));
+  EXPECT_EQ(gpt2, (std::vector<std::string>{"tiny", "small", "gpt2-124m"}));
+  EXPECT_EQ(llama, (std::vector<std::string>{"tiny", "small", "llama-110m", "tinyllama-1.1b"}));
 }
 
 TEST(MakeModelPresets, MismatchAndUnknownAreInvalidArgument) {

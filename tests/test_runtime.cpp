@@ -2,6 +2,8 @@
 // a ragged batch, equals one full pass. (Against an independent implementation: test_reference.)
 #include <gtest/gtest.h>
 
+#include <omp.h>
+
 #include <cstring>
 #include <random>
 
@@ -77,6 +79,34 @@ TEST_P(RuntimeContinuation, LongPrefillEqualsShortSteps) {
     for (size_t i = 0; i < 16; ++i)
       expect_close(got.data() + i * V, ref.data() + (done + i) * V, V, "position " + std::to_string(done + i));
   }
+}
+
+// Decode after a long context splits the keys into runs over the threads (attention.cpp,
+// SPLIT_MIN_KEYS), partial softmaxes combined: one- and few-token steps there equal a full pass.
+// Three threads, whatever the machine has, so that three runs are exercised too; the "small"
+// preset, whose layers are big enough for the decode schedule to use them.
+TEST_P(RuntimeContinuation, DecodeAfterLongContextEqualsFullPass) {
+  const auto model = bp::Model::load(generated_model(GetParam().arch, GetParam().dtype, "small"));
+  const int32_t V = model->config().n_vocab;
+  const std::vector<int32_t> tokens = random_tokens(V, 230, 13);
+  ASSERT_LE(tokens.size(), static_cast<size_t>(model->config().n_ctx));
+  const std::vector<float> ref = full_pass(*model, tokens);
+  struct Threads {  // 3 for this test, then as before
+    int saved = omp_get_max_threads();
+    Threads() { omp_set_num_threads(3); }
+    ~Threads() { omp_set_num_threads(saved); }
+  } threads;
+  bp::Sequence seq(*model);
+  seq.append(std::span<const int32_t>(tokens.data(), 120), bp::LogitsMode::NONE);
+  const size_t steps[] = {1, 3, 1, 2, 60, 1, 1, 5, 1, 1, 4, 1, 29};  // to 230; runs of 64 keys or more
+  size_t done = 120;
+  for (size_t step : steps) {
+    const std::vector<float> got = seq.append(std::span<const int32_t>(tokens.data() + done, step), bp::LogitsMode::ALL);
+    for (size_t i = 0; i < step; ++i)
+      expect_close(got.data() + i * V, ref.data() + (done + i) * V, V, "position " + std::to_string(done + i));
+    done += step;
+  }
+  EXPECT_EQ(done, tokens.size());
 }
 
 TEST_P(RuntimeContinuation, RaggedBatchOverSharedAncestorsEqualsFullPasses) {

@@ -32,6 +32,8 @@ struct Preset {
 constexpr Preset PRESETS[] = {
     {"tiny", Arch::GPT2, 2, 64, 4, 4, 256, 256},
     {"tiny", Arch::LLAMA, 2, 64, 4, 2, 128, 256},
+    {"small", Arch::GPT2, 2, 256, 4, 4, 1024, 512},  // big enough for the decode schedule's thread team
+    {"small", Arch::LLAMA, 2, 256, 8, 2, 512, 512},
     {"gpt2-124m", Arch::GPT2, 12, 768, 12, 12, 3072, 1024},
     {"llama-110m", Arch::LLAMA, 12, 768, 12, 12, 2048, 1024},
     {"tinyllama-1.1b", Arch::LLAMA, 22, 2048, 32, 4, 5632, 2048},

@@ -94,11 +94,22 @@ struct AttentionTile {
   // softmax), about twice the speed; not exact (see MatmulPrecision::BF16, which sets it for
   // prefill-sized batches). Elsewhere, or false: f32 throughout.
   bool bf16 = false;
+  // When set, the tile stops short of its softmax's last division and writes, instead of out,
+  // for query vector i at partial + i * (head_dim + 2): m, the largest scaled score it saw; l, the
+  // sum of e^(s - m) over its keys; then the head_dim values of sum e^(s - m) v (out_i is their
+  // quotient by l). Tiles over disjoint runs of the same keys (each run's sources a piece of the
+  // chain, every row seeing its first key) are then combined by attention_merge: decode splits a
+  // long context over the threads that way, each reading whole K/V rows front to back.
+  float* partial = nullptr;
 };
 
 // Runs one tile on the calling thread (callers parallelise over tiles). Softmax in f32 with a
 // running maximum (keys in blocks), so any number of keys fits in a fixed amount of memory.
 void attention_tile(const AttentionTile& t);
+
+// out of tile t (its q, kv, n_keys0 and partial unused) from n_parts partial results of it over
+// disjoint runs of its keys: parts[p] holds what a tile with partial = parts[p] wrote.
+void attention_merge(const AttentionTile& t, const float* const* parts, int n_parts);
 
 // Activation functions, in place, on the calling thread (callers parallelise):
 // gate[i] = silu(gate[i]) * up[i]  (SwiGLU: silu(g) = g / (1 + e^-g)).

@@ -71,6 +71,13 @@ void attention_tile_portable(const AttentionTile& t) {
       }
       key0 += kv.n;
     }
+    if (t.partial != nullptr) {
+      float* part = t.partial + static_cast<int64_t>(i) * (hd + 2);
+      part[0] = m;
+      part[1] = l;
+      std::copy(o.begin(), o.end(), part + 2);
+      continue;
+    }
     float* out = t.out + row * t.ldo + static_cast<int64_t>(head) * hd;
     const float inv_l = 1.0f / l;
     for (int32_t d = 0; d < hd; ++d) out[d] = o[static_cast<size_t>(d)] * inv_l;
@@ -78,6 +85,27 @@ void attention_tile_portable(const AttentionTile& t) {
 }
 
 }  // namespace detail
+
+void attention_merge(const AttentionTile& t, const float* const* parts, int n_parts) {
+  BP_ASSERT(n_parts >= 1 && t.head_dim >= 1);
+  const int32_t hd = t.head_dim, n_heads = t.n_kv_heads * t.n_group, n_q = t.n_rows * n_heads;
+  for (int32_t i = 0; i < n_q; ++i) {
+    const int64_t at = static_cast<int64_t>(i) * (hd + 2);
+    float m = -INFINITY;
+    for (int p = 0; p < n_parts; ++p) m = std::max(m, parts[p][at]);
+    float* out = t.out + (i / n_heads) * t.ldo + static_cast<int64_t>(i % n_heads) * hd;
+    std::fill(out, out + hd, 0.0f);
+    float l = 0.0f;
+    for (int p = 0; p < n_parts; ++p) {
+      const float* part = parts[p] + at;
+      const float w = std::exp(part[0] - m);  // 1 for the part holding the maximum
+      l += part[1] * w;
+      for (int32_t d = 0; d < hd; ++d) out[d] += part[2 + d] * w;
+    }
+    const float inv_l = 1.0f / l;
+    for (int32_t d = 0; d < hd; ++d) out[d] *= inv_l;
+  }
+}
 
 void attention_tile(const AttentionTile& t) {
   BP_ASSERT(t.n_rows >= 0 && t.n_kv_heads >= 1 && t.n_group >= 1 && t.head_dim >= 1 && t.n_keys0 >= 1);

@@ -564,6 +564,13 @@ BP_TARGET_AVX512 void tile_dots(const AttentionTile& t) {
   }
 
   for (int32_t i = 0; i < n_q; ++i) {
+    if (t.partial != nullptr) {
+      float* part = t.partial + static_cast<int64_t>(i) * (hd + 2);
+      part[0] = m[i];
+      part[1] = l[i];
+      for (int u = 0; u < NV; ++u) _mm512_mask_storeu_ps(part + 2 + u * L, head_mask(hd, u), _mm512_load_ps(o + i * NP + u * L));
+      continue;
+    }
     float* out = t.out + (i / n_heads) * t.ldo + static_cast<int64_t>(i % n_heads) * hd;
     const __m512 inv_l = _mm512_set1_ps(1.0f / l[i]);
     for (int u = 0; u < NV; ++u) {
@@ -576,11 +583,11 @@ BP_TARGET_AVX512 void tile_dots(const AttentionTile& t) {
 
 BP_TARGET_AVX512 void attention_tile_avx512(const AttentionTile& t) {
   const int32_t n_q = t.n_rows * t.n_kv_heads * t.n_group;
-  if (t.head_dim > MAX_HEAD_DIM || n_q > 4 * L || (n_q > DOT_MAX_Q && t.n_kv_heads > 1)) {
+  if (t.head_dim > MAX_HEAD_DIM || n_q > 4 * L || (n_q > DOT_MAX_Q && (t.n_kv_heads > 1 || t.partial != nullptr))) {
     attention_tile_portable(t);
     return;
   }
-  if (n_q >= DOT_MAX_Q && t.n_kv_heads == 1) {
+  if (n_q >= DOT_MAX_Q && t.n_kv_heads == 1 && t.partial == nullptr) {
     static const bool has_bf16 = __builtin_cpu_supports("avx512bf16");
     if (t.bf16 && has_bf16 && t.head_dim % 2 == 0) {
       switch ((n_q + L - 1) / L) {
