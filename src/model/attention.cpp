@@ -155,7 +155,7 @@ struct TileShape {
 AttentionTile tile_of(const TileItem& item, const TileShape& sh, const float* q, float* out, float* partials) {
   AttentionTile t;
   const int64_t col0 = static_cast<int64_t>(item.kv_head) * sh.group * sh.head_dim;  // its first query head
-  t.q = q + item.row0 * sh.q_dim + col0;
+  if (q != nullptr) t.q = q + item.row0 * sh.q_dim + col0;  // a merge reads no queries
   t.out = out + item.row0 * sh.q_dim + col0;
   t.ldq = t.ldo = sh.q_dim;
   t.n_rows = item.n_rows;
