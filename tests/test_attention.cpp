@@ -6,8 +6,8 @@
 #include <gtest/gtest.h>
 #include <omp.h>
 
-#include <climits>
 #include <cmath>
+#include <cstdint>
 #include <random>
 #include <string>
 #include <vector>

@@ -2,7 +2,6 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -138,10 +137,12 @@ struct TileItem {
   int64_t partial = -1;  // where its partial results go in the call's buffer (floats), or -1: out
 };
 
-// The tiles of one (span, key/value heads) over runs of its keys, and the tile they combine into.
+// The tile that n_runs tiles over runs of its keys combine into; their partial results lie one
+// after another from `partial` (floats into the call's buffer), each as big as the whole's.
 struct MergeItem {
   TileItem whole;
-  std::vector<int64_t> partials;  // TileItem::partial of each run
+  int64_t partial;
+  int32_t n_runs;
 };
 
 struct TileShape {
@@ -204,9 +205,10 @@ void run_merges(const std::vector<MergeItem>& merges, const TileShape& sh, float
 #pragma omp for schedule(dynamic, 1)
   for (int64_t i = 0; i < n_merges; ++i) {
     const MergeItem& mi = merges[static_cast<size_t>(i)];
+    const int64_t size = int64_t{mi.whole.n_rows} * mi.whole.n_kv_heads * sh.group * (sh.head_dim + 2);  // one run's
     parts.clear();
-    for (int64_t at : mi.partials) parts.push_back(partials + at);
-    attention_merge(tile_of(mi.whole, sh, nullptr, out, nullptr), parts.data(), static_cast<int>(parts.size()));
+    for (int32_t r = 0; r < mi.n_runs; ++r) parts.push_back(partials + mi.partial + r * size);
+    attention_merge(tile_of(mi.whole, sh, nullptr, out, nullptr), parts.data(), mi.n_runs);
   }
 }
 
@@ -282,7 +284,7 @@ void attention(const Batch& b, int32_t layer, const float* q, float* out) {
           items.push_back(whole);
           continue;
         }
-        MergeItem merge{whole, {}};
+        merges.push_back({whole, n_partial, static_cast<int32_t>(n_runs)});
         for (int64_t r = 0; r < n_runs; ++r) {  // runs of the keys every row sees; the last one takes the rest
           TileItem run = whole;
           run.key_begin = n_keys0 * r / n_runs;
@@ -290,10 +292,8 @@ void attention(const Batch& b, int32_t layer, const float* q, float* out) {
           run.cost = cost / n_runs;
           run.partial = n_partial;
           n_partial += int64_t{n} * n_kv * group * (hd + 2);
-          merge.partials.push_back(run.partial);
           items.push_back(run);
         }
-        merges.push_back(std::move(merge));
       }
       continue;
     }
