@@ -85,6 +85,8 @@ TEST(CliErrors, BadArgumentsExit2WithOneLine) {
       {"make-model", "--arch", "mamba", "-o", m},
       {"make-model", "--arch", "llama", "--preset", "gpt2-124m", "-o", m},
       {"make-model", "--arch", "gpt2", "--dtype", "q4_0", "-o", m},
+      {"bench", "-m", m, "--weights", "mapped"},
+      {"bench", "-m", m, "-p", "0", "-n", "0"},
   };
   for (const auto& args : cases) {
     std::string shown;
@@ -174,6 +176,21 @@ TEST(CliMakeModel, DeterministicAndLoads) {
     EXPECT_EQ(model->config().n_layer, 2);
     EXPECT_EQ(model->config().n_embd, 64);
     EXPECT_EQ(model->weight_type_name(), "q8_0");
+  }
+}
+
+TEST(CliBench, PrintsRatesAndWhereTheWeightsLive) {
+  REQUIRE_BINARY();
+  const std::string model = bp::testing::generated_model(bp::Arch::LLAMA, bp::DType::F16);
+  for (const char* weights : {"mmap", "memory"}) {
+    CliResult r = run_cli({"bench", "-m", model, "-p", "8", "-n", "4", "-r", "2", "-t", "1", "--weights", weights});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_NE(r.out.find("\npp8: "), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("\ntg4: "), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find(" tok/s\n"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("peak RSS: "), std::string::npos) << r.out;
+    const bool memory = std::string(weights) == "memory";
+    EXPECT_NE(r.out.find(memory ? "weights: in memory" : "weights: mapped from the file"), std::string::npos) << r.out;
   }
 }
 

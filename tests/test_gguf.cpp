@@ -204,6 +204,74 @@ TEST_F(GgufFiles, WriterRoundTripsTensors) {
   }
 }
 
+TEST_F(GgufFiles, MemoryPlacementHoldsTheMappedBytes) {
+  // One tensor over 64 MiB, so that the file is read in several pieces (the last one partial),
+  // and a file under a huge page.
+  for (const int64_t big : {(int64_t{70} << 20) / 4 + 5, int64_t{37}}) {
+    gguf::Writer out;
+    out.set_string("general.architecture", "test");
+    out.add_tensor("big", DType::F32, {big}, [](std::span<uint8_t> dst) {
+      for (size_t j = 0; j < dst.size(); ++j) dst[j] = uint8_t(j * 131 + (j >> 20) + 3);
+    });
+    out.add_tensor("small", DType::Q8_0, {64, 3}, [](std::span<uint8_t> dst) {
+      for (size_t j = 0; j < dst.size(); ++j) dst[j] = uint8_t(j * 7 + 1);
+    });
+    const std::string p = path("memory.gguf");
+    out.write(p);
+    auto mapped = gguf::File::open(p);
+    auto copy = gguf::File::open(p, gguf::Placement::MEMORY);
+    EXPECT_EQ(mapped->placement(), gguf::Placement::MAPPED);
+    EXPECT_EQ(copy->placement(), gguf::Placement::MEMORY);
+    ASSERT_EQ(copy->bytes().size(), mapped->bytes().size());
+    EXPECT_NE(copy->bytes().data(), mapped->bytes().data());
+    EXPECT_EQ(std::memcmp(copy->bytes().data(), mapped->bytes().data(), copy->bytes().size()), 0) << big;
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(copy->bytes().data()) % 4096, 0u);  // aligned like a mapping
+    EXPECT_EQ(copy->get_string("general.architecture"), "test");
+    ASSERT_EQ(copy->tensors().size(), 2u);
+    for (size_t i = 0; i < 2; ++i) {
+      const gguf::TensorInfo& a = mapped->tensors()[i];
+      const gguf::TensorInfo& b = copy->tensors()[i];
+      EXPECT_EQ(b.name, a.name);
+      EXPECT_EQ(b.data - copy->bytes().data(), a.data - mapped->bytes().data());
+      EXPECT_EQ(b.n_bytes, a.n_bytes);
+    }
+    std::filesystem::remove(p);
+  }
+}
+
+TEST_F(GgufFiles, MemoryPlacementRejectsWhatMappingRejects) {
+  gguf::Writer w;
+  w.set_string("general.architecture", "x");
+  w.add_tensor("t0", DType::F32, {64, 4}, [](std::span<uint8_t> d) { std::fill(d.begin(), d.end(), 1); });
+  const std::string p = path("cut.gguf");
+  w.write(p);
+  const std::vector<uint8_t> whole = read_all(p);
+  for (size_t n : {size_t{0}, size_t{3}, size_t{40}, whole.size() - 8}) {
+    bp::testing::write_file(p, std::span<const uint8_t>(whole.data(), n));
+    std::string mapped_error, memory_error;
+    try {
+      gguf::File::open(p);
+    } catch (const bp::Error& e) {
+      mapped_error = e.what();
+    }
+    try {
+      gguf::File::open(p, gguf::Placement::MEMORY);
+      ADD_FAILURE() << n << " bytes opened";
+    } catch (const bp::Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::CORRUPT_FILE) << e.what();
+      memory_error = e.what();
+    }
+    EXPECT_EQ(memory_error, mapped_error) << n;
+  }
+  try {
+    gguf::File::open(path("absent.gguf"), gguf::Placement::MEMORY);
+    ADD_FAILURE() << "a missing file opened";
+  } catch (const bp::Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::IO_ERROR);
+    EXPECT_NE(std::string(e.what()).find("absent.gguf"), std::string::npos) << e.what();
+  }
+}
+
 TEST_F(GgufFiles, WriterKeepsLastValueAndReplacesAtomically) {
   std::string p = path("m.gguf");
   gguf::Writer w1;

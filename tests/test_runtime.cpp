@@ -271,4 +271,44 @@ TEST(Runtime, FingerprintsFollowWeightsAndTokenizer) {
   EXPECT_NE(a->tokenizer_fingerprint(), g->tokenizer_fingerprint());
 }
 
+TEST(Runtime, WeightsInMemoryComputeWhatMappedWeightsDo) {
+  const ArchCase cases[] = {{bp::Arch::LLAMA, bp::DType::F32}, {bp::Arch::LLAMA, bp::DType::Q8_0},
+                            {bp::Arch::LLAMA, bp::DType::BF16}, {bp::Arch::GPT2, bp::DType::F16}};
+  for (const ArchCase& c : cases) {
+    const std::string path = generated_model(c.arch, c.dtype);
+    bp::LoadOptions mapped_opt, memory_opt;
+    mapped_opt.weights = bp::WeightPlacement::MAPPED;
+    memory_opt.weights = bp::WeightPlacement::MEMORY;
+    const auto mapped = bp::Model::load(path, mapped_opt);
+    const auto memory = bp::Model::load(path, memory_opt);
+    EXPECT_EQ(mapped->weight_placement(), bp::WeightPlacement::MAPPED);
+    EXPECT_EQ(memory->weight_placement(), bp::WeightPlacement::MEMORY);
+    EXPECT_EQ(memory->fingerprint(), mapped->fingerprint());
+    const std::vector<int32_t> tokens = random_tokens(mapped->config().n_vocab, 40, 7);
+    const std::vector<float> a = full_pass(*mapped, tokens), b = full_pass(*memory, tokens);
+    ASSERT_EQ(a.size(), b.size());
+    EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0)
+        << bp::arch_name(c.arch) << " " << memory->weight_type_name() << ": logits differ";
+  }
+}
+
+TEST(Runtime, AutoPlacementCopiesLargeFilesThatFit) {
+  using bp::WeightPlacement;
+  using bp::detail::auto_placement;
+  constexpr uint64_t GiB = uint64_t{1} << 30;
+  EXPECT_EQ(auto_placement(4 * GiB, 23 * GiB, true), WeightPlacement::MEMORY);
+  EXPECT_EQ(auto_placement(GiB, 2 * GiB, true), WeightPlacement::MEMORY);
+  EXPECT_EQ(auto_placement(GiB - 1, 23 * GiB, true), WeightPlacement::MAPPED);  // small: no gain
+  EXPECT_EQ(auto_placement(4 * GiB, 8 * GiB - 1, true), WeightPlacement::MAPPED);  // over half the memory
+  EXPECT_EQ(auto_placement(4 * GiB, 23 * GiB, false), WeightPlacement::MAPPED);  // no huge pages
+  EXPECT_EQ(auto_placement(4 * GiB, 0, true), WeightPlacement::MAPPED);          // memory not known
+  // The small generated models stay mapped by default.
+  EXPECT_EQ(bp::Model::load(generated_model(bp::Arch::LLAMA, bp::DType::F32))->weight_placement(),
+            WeightPlacement::MAPPED);
+  for (WeightPlacement p : {WeightPlacement::AUTO, WeightPlacement::MAPPED, WeightPlacement::MEMORY}) {
+    EXPECT_EQ(bp::weight_placement_from_name(bp::weight_placement_name(p)), p);
+  }
+  EXPECT_FALSE(bp::weight_placement_from_name("mapped"));
+}
+
 }  // namespace

@@ -35,6 +35,7 @@ struct BenchOptions {
   int32_t n_gen = 128;
   int32_t n_threads = 0;  // 0: every core
   int32_t n_reps = 3;
+  std::string weights = "auto";  // WeightPlacement name
 };
 
 using Clock = std::chrono::steady_clock;
@@ -101,7 +102,7 @@ int run_bench(const BenchOptions& opt) {
   omp_set_num_threads(n_threads);
 
   const Clock::time_point t_load = Clock::now();
-  std::shared_ptr<Model> model = Model::load(opt.model_path);
+  std::shared_ptr<Model> model = Model::load(opt.model_path, load_options(opt.weights));
   const double load_s = seconds_since(t_load);
   const ModelConfig& cfg = model->config();
   if (static_cast<int64_t>(opt.n_prompt) + opt.n_gen > cfg.n_ctx) {
@@ -111,6 +112,9 @@ int run_bench(const BenchOptions& opt) {
   }
   std::printf("model: %s (%s, %.2fM params, %s)\n", opt.model_path.c_str(), arch_name(cfg.arch),
               static_cast<double>(model->n_params()) / 1e6, model->weight_type_name().c_str());
+  std::printf("weights: %s\n", model->weight_placement() == WeightPlacement::MEMORY
+                                   ? "in memory (read at load, transparent huge pages asked for)"
+                                   : "mapped from the file");
   std::printf("threads: %d\n", n_threads);
   double load[1] = {0};
   if (getloadavg(load, 1) == 1) {  // other work on the machine makes every figure below noisy
@@ -150,6 +154,7 @@ CommandRun setup_bench(CLI::App& cmd) {
   cmd.add_option("-r,--reps", opt->n_reps, "Timed runs per test, after one warm-up run")
       ->capture_default_str()
       ->check(CLI::Range(1, 1000000));
+  add_weights_option(cmd, &opt->weights);
   return [opt]() { return run_bench(*opt); };
 }
 

@@ -11,6 +11,9 @@
 
 #include <functional>
 #include <stdexcept>
+#include <string>
+
+#include "backprompt/model.h"
 
 namespace backprompt::tools {
 
@@ -21,6 +24,11 @@ class UsageError : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
 };
+
+// --weights auto|mmap|memory on `cmd` (where the model's weights live, WeightPlacement), stored
+// in `*name`; load_options turns it into Model::load's options (tools/weights_option.cpp).
+void add_weights_option(CLI::App& cmd, std::string* name);
+LoadOptions load_options(const std::string& name);
 
 CommandRun setup_generate(CLI::App& cmd);    // tools/generate.cpp
 CommandRun setup_tokenize(CLI::App& cmd);    // tools/tokenize.cpp

@@ -38,6 +38,7 @@ std::vector<std::string> read_lines(const std::string& path) {
 
 void add_completion_options(CLI::App& cmd, CompletionInputs& in) {
   cmd.add_option("-m,--model", in.model_path, "GGUF model file")->required();
+  add_weights_option(cmd, &in.weights);
   auto* p = cmd.add_option("--prompt", in.prompt, "The prompt (context) text");
   auto* pf = cmd.add_option("--prompt-file", in.prompt_file, "File holding the prompt text (used as is)");
   p->excludes(pf);

@@ -13,6 +13,7 @@ namespace backprompt::tools {
 
 struct CompletionInputs {
   std::string model_path;
+  std::string weights = "auto";  // WeightPlacement name
   std::string prompt;
   std::string prompt_file;
   std::string choices_file;
@@ -27,7 +28,7 @@ struct CompletionInputs {
 // Cache options from the shared command-line options. UsageError for a bad K/V type.
 CacheOptions cache_options(const CompletionInputs& in);
 
-// Declares -m, --prompt/--prompt-file, --choices, --endings, --budget, --joined on `cmd`.
+// Declares -m, --weights, --prompt/--prompt-file, --choices, --endings, --budget, --joined on `cmd`.
 void add_completion_options(CLI::App& cmd, CompletionInputs& in);
 
 struct Completions {

@@ -33,6 +33,7 @@ namespace {
 
 struct GenerateOptions {
   std::string model_path;
+  std::string weights = "auto";  // WeightPlacement name
   std::string store;  // persistent K/V store URI
   std::string prompt;
   int32_t n_predict = 128;
@@ -72,7 +73,7 @@ int run_generate(const GenerateOptions& opt) {
   if (opt.n_threads > 0) omp_set_num_threads(opt.n_threads);
 
   const auto t_start = std::chrono::steady_clock::now();
-  std::shared_ptr<Model> model = Model::load(opt.model_path);
+  std::shared_ptr<Model> model = Model::load(opt.model_path, load_options(opt.weights));
   const Tokenizer& tok = model->tokenizer();
   const ModelConfig& cfg = model->config();
   CacheOptions co;
@@ -186,6 +187,7 @@ int run_generate(const GenerateOptions& opt) {
 CommandRun setup_generate(CLI::App& cmd) {
   auto opt = std::make_shared<GenerateOptions>();
   cmd.add_option("-m,--model", opt->model_path, "GGUF model file")->required();
+  add_weights_option(cmd, &opt->weights);
   cmd.add_option("-p,--prompt", opt->prompt, "Prompt text (default: empty); with --restore-prompt, the text appended to the snapshot's");
   cmd.add_option("-n,--n-predict", opt->n_predict, "Tokens to generate at most")
       ->capture_default_str()

@@ -24,7 +24,7 @@ struct GraphOptions {
 };
 
 int run_graph(const GraphOptions& opt) {
-  Cache cache(Model::load(opt.in.model_path), cache_options(opt.in));
+  Cache cache(Model::load(opt.in.model_path, load_options(opt.in.weights)), cache_options(opt.in));
   Completions comp = build_completions(opt.in, cache);
   if (!opt.no_eval) cache.eval(comp.texts);
   const std::string dot = cache.to_dot(comp.texts);

@@ -33,7 +33,7 @@ struct Score {
 
 int run_score(const ScoreOptions& opt) {
   if (opt.n_threads > 0) omp_set_num_threads(opt.n_threads);
-  Cache cache(Model::load(opt.in.model_path), cache_options(opt.in));
+  Cache cache(Model::load(opt.in.model_path, load_options(opt.in.weights)), cache_options(opt.in));
   Completions comp = build_completions(opt.in, cache);
 
   const size_t n_prompt = comp.prompt_text.tokens().size();

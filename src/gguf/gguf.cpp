@@ -18,12 +18,14 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <bit>
 #include <cerrno>
 #include <cstring>
 #include <limits>
 
 #include "backprompt/error.h"
+#include "model/reserved_buffer.h"
 
 static_assert(std::endian::native == std::endian::little, "GGUF reading assumes a little-endian host");
 
@@ -198,6 +200,37 @@ void skip_value(Cursor& c, uint32_t type, const std::string& path, const std::st
   for (uint64_t i = 0; i < count; ++i) skip_value(c, elem_type, path, elem_field, depth + 1);
 }
 
+constexpr size_t HUGE_PAGE = size_t{2} << 20;
+
+// Reads the `size` bytes of the open file `fd` into `out`, several pieces at once (the copy out
+// of the page cache is the cost, and each core copies its own pieces). "" when done, else what
+// went wrong: a read error, or a file that ended early (truncated while being read).
+std::string read_whole(int fd, uint8_t* out, size_t size) {
+  constexpr size_t PIECE = size_t{64} << 20;
+  const int64_t n_pieces = static_cast<int64_t>((size + PIECE - 1) / PIECE);
+  std::atomic<int> first_errno{0};
+  std::atomic<bool> short_read{false};
+#pragma omp parallel for schedule(dynamic, 1) if (n_pieces > 1)
+  for (int64_t i = 0; i < n_pieces; ++i) {
+    size_t at = static_cast<size_t>(i) * PIECE;
+    const size_t end = std::min(size, at + PIECE);
+    while (at < end && first_errno.load(std::memory_order_relaxed) == 0 && !short_read.load(std::memory_order_relaxed)) {
+      const ssize_t n = pread(fd, out + at, end - at, static_cast<off_t>(at));
+      if (n > 0) {
+        at += static_cast<size_t>(n);
+      } else if (n == 0) {
+        short_read.store(true);
+      } else if (errno != EINTR) {
+        int expected = 0;
+        first_errno.compare_exchange_strong(expected, errno);
+      }
+    }
+  }
+  if (first_errno.load() != 0) return std::string("cannot read: ") + std::strerror(first_errno.load());
+  if (short_read.load()) return "cannot read: the file ended early (changed while being read?)";
+  return "";
+}
+
 // Overflow-checked a * b; false on overflow.
 bool mul_u64(uint64_t a, uint64_t b, uint64_t* out) { return !__builtin_mul_overflow(a, b, out); }
 
@@ -209,7 +242,7 @@ int64_t TensorInfo::n_elements() const {
   return n;
 }
 
-std::unique_ptr<File> File::open(const std::string& path) {
+std::unique_ptr<File> File::open(const std::string& path, Placement placement) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) throw Error(ErrorCode::IO_ERROR, path + ": cannot open: " + std::strerror(errno));
   struct stat st;
@@ -225,7 +258,24 @@ std::unique_ptr<File> File::open(const std::string& path) {
   std::unique_ptr<File> file(new File());
   file->path_ = path;
   file->size_ = static_cast<size_t>(st.st_size);
-  if (file->size_ > 0) {
+  file->placement_ = placement;
+  if (file->size_ > 0 && placement == Placement::MEMORY) {
+    // At least a huge page, so that even a small file's copy starts on a page boundary like a
+    // mapping (tensor data is aligned relative to the file's start); the part past the file is
+    // never touched.
+    file->alloc_bytes_ = std::max(file->size_, HUGE_PAGE);
+    void* p = detail::big_alloc(file->alloc_bytes_);
+    if (p == nullptr) {
+      ::close(fd);
+      throw Error(ErrorCode::OUT_OF_MEMORY, path + ": cannot allocate " + std::to_string(file->size_ >> 20) +
+                                                " MiB to hold the file in memory");
+    }
+    file->base_ = static_cast<const uint8_t*>(p);
+    file->owned_ = true;  // from here on ~File frees it
+    const std::string err = read_whole(fd, static_cast<uint8_t*>(p), file->size_);
+    ::close(fd);
+    if (!err.empty()) throw Error(ErrorCode::IO_ERROR, path + ": " + err);
+  } else if (file->size_ > 0) {
     void* p = mmap(nullptr, file->size_, PROT_READ, MAP_PRIVATE, fd, 0);
     int err = errno;
     ::close(fd);
@@ -235,7 +285,7 @@ std::unique_ptr<File> File::open(const std::string& path) {
   } else {
     ::close(fd);
   }
-  file->parse();  // on failure, ~File unmaps
+  file->parse();  // on failure, ~File unmaps or frees
   return file;
 }
 
@@ -250,6 +300,7 @@ std::unique_ptr<File> File::from_memory(std::span<const uint8_t> bytes, std::str
 
 File::~File() {
   if (mapped_) munmap(const_cast<uint8_t*>(base_), size_);
+  if (owned_) detail::big_free(const_cast<uint8_t*>(base_), alloc_bytes_);
 }
 
 void File::parse() {

@@ -10,7 +10,8 @@
 // bool values 0 or 1; 1 to 4 dimensions, each >= 1, ne[0] a multiple of the type's block size;
 // tensor offsets multiples of the alignment; tensors inside the file and not overlapping.
 // Nested arrays are validated (up to 8 levels) and can be copied, but no getter returns them.
-// Opening reads only the header: tensor data stays untouched in the mapping until used.
+// Opening a mapped file reads only the header: tensor data stays untouched in the mapping until
+// used. Placement::MEMORY reads the whole file into memory of its own first (see Placement).
 //
 // Thread-safety: a File is immutable after open(); all const methods may be called concurrently.
 #pragma once
@@ -55,11 +56,18 @@ struct TensorInfo {
   int64_t n_elements() const;
 };
 
+// Where an open File's bytes live.
+enum class Placement {
+  MAPPED,  // a read-only private mapping of the file: the page cache's pages, nothing copied
+  MEMORY,  // a copy read into anonymous memory that asks for transparent huge pages (2 MiB)
+};
+
 class File {
  public:
-  // Maps and validates `path`. Throws Error(IO_ERROR) if it cannot be opened or mapped,
+  // Maps (or reads, for Placement::MEMORY) and validates `path`. Throws Error(IO_ERROR) if it
+  // cannot be opened, mapped or read, Error(OUT_OF_MEMORY) if a MEMORY copy cannot be allocated,
   // Error(CORRUPT_FILE) if it is malformed.
-  static std::unique_ptr<File> open(const std::string& path);
+  static std::unique_ptr<File> open(const std::string& path, Placement placement = Placement::MAPPED);
   // Validates an in-memory image (used by the fuzzer and tests); `bytes` must outlive the File.
   static std::unique_ptr<File> from_memory(std::span<const uint8_t> bytes, std::string name = "<memory>");
   ~File();
@@ -70,6 +78,7 @@ class File {
   uint32_t version() const { return version_; }
   uint64_t alignment() const { return alignment_; }
   std::span<const uint8_t> bytes() const { return {base_, size_}; }
+  Placement placement() const { return placement_; }
 
   const std::vector<KeyValue>& metadata() const { return kv_; }
   const KeyValue* find(std::string_view key) const;  // nullptr if absent
@@ -97,7 +106,10 @@ class File {
   std::string path_;
   const uint8_t* base_ = nullptr;
   size_t size_ = 0;
-  bool mapped_ = false;
+  bool mapped_ = false;  // base_ is a mapping of the file (else a MEMORY copy, or a caller's bytes)
+  bool owned_ = false;   // base_ is a MEMORY copy from detail::big_alloc (of alloc_bytes_)
+  size_t alloc_bytes_ = 0;
+  Placement placement_ = Placement::MAPPED;
   uint32_t version_ = 0;
   uint64_t alignment_ = 32;
   std::vector<KeyValue> kv_;
