@@ -25,7 +25,7 @@
 #include <limits>
 
 #include "backprompt/error.h"
-#include "model/reserved_buffer.h"
+#include "tensor/big_alloc.h"
 
 static_assert(std::endian::native == std::endian::little, "GGUF reading assumes a little-endian host");
 
@@ -200,8 +200,6 @@ void skip_value(Cursor& c, uint32_t type, const std::string& path, const std::st
   for (uint64_t i = 0; i < count; ++i) skip_value(c, elem_type, path, elem_field, depth + 1);
 }
 
-constexpr size_t HUGE_PAGE = size_t{2} << 20;
-
 // Reads the `size` bytes of the open file `fd` into `out`, several pieces at once (the copy out
 // of the page cache is the cost, and each core copies its own pieces). "" when done, else what
 // went wrong: a read error, or a file that ended early (truncated while being read).
@@ -263,7 +261,7 @@ std::unique_ptr<File> File::open(const std::string& path, Placement placement) {
     // At least a huge page, so that even a small file's copy starts on a page boundary like a
     // mapping (tensor data is aligned relative to the file's start); the part past the file is
     // never touched.
-    file->alloc_bytes_ = std::max(file->size_, HUGE_PAGE);
+    file->alloc_bytes_ = std::max(file->size_, detail::HUGE_PAGE_BYTES);
     void* p = detail::big_alloc(file->alloc_bytes_);
     if (p == nullptr) {
       ::close(fd);

@@ -9,9 +9,8 @@
 // Thread-safety: none (like a std::vector).
 //
 // Large buffers that are allocated whole (a cache node's K/V, a batch's logits, activations) pay
-// the same first-touch cost when they come from malloc: glibc maps them anew with small pages.
-// BigVector gives them huge pages too (measured on a 2-core EPYC VM: first touch of 64 MiB took
-// 175-195 ms with 4 KiB pages, 4 ms with 2 MiB pages).
+// the same first-touch cost when they come from malloc: BigVector gives them huge pages too
+// (tensor/big_alloc.h).
 #pragma once
 
 #include <cstddef>
@@ -19,13 +18,9 @@
 #include <utility>
 #include <vector>
 
-namespace backprompt::detail {
+#include "tensor/big_alloc.h"
 
-// Raw memory for a buffer of `bytes`: at least 2 MiB get a mapping of their own that starts on a
-// huge-page boundary, with MADV_HUGEPAGE (its last part, short of a huge page, keeps small pages,
-// so nothing past the request is committed); less comes from malloc. nullptr if it cannot.
-void* big_alloc(size_t bytes);
-void big_free(void* p, size_t bytes);  // bytes: as given to big_alloc
+namespace backprompt::detail {
 
 // A std::allocator for big_alloc memory whose value-less construct leaves elements uninitialised:
 // resize() does not zero-fill buffers that are written whole right after (pass a value to fill).
