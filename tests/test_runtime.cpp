@@ -296,9 +296,11 @@ TEST(Runtime, AutoPlacementCopiesLargeFilesThatFit) {
   using bp::WeightPlacement;
   using bp::detail::auto_placement;
   constexpr uint64_t GiB = uint64_t{1} << 30;
+  constexpr uint64_t MiB = uint64_t{1} << 20;
   EXPECT_EQ(auto_placement(4 * GiB, 23 * GiB, true), WeightPlacement::MEMORY);
   EXPECT_EQ(auto_placement(GiB, 2 * GiB, true), WeightPlacement::MEMORY);
-  EXPECT_EQ(auto_placement(GiB - 1, 23 * GiB, true), WeightPlacement::MAPPED);  // small: no gain
+  EXPECT_EQ(auto_placement(64 * MiB, 23 * GiB, true), WeightPlacement::MEMORY);
+  EXPECT_EQ(auto_placement(64 * MiB - 1, 23 * GiB, true), WeightPlacement::MAPPED);  // small: read from cache
   EXPECT_EQ(auto_placement(4 * GiB, 8 * GiB - 1, true), WeightPlacement::MAPPED);  // over half the memory
   EXPECT_EQ(auto_placement(4 * GiB, 23 * GiB, false), WeightPlacement::MAPPED);  // no huge pages
   EXPECT_EQ(auto_placement(4 * GiB, 0, true), WeightPlacement::MAPPED);          // memory not known

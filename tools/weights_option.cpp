@@ -6,8 +6,7 @@ namespace backprompt::tools {
 void add_weights_option(CLI::App& cmd, std::string* name) {
   cmd.add_option("--weights", *name,
                  "Where the weights live: mmap (the file's mapping, shared with other processes), memory (a copy on "
-                 "huge pages: faster decode for large models), auto (memory for files of 1 GiB or more that fit "
-                 "comfortably)")
+                 "huge pages: faster decode), auto (memory for files of 64 MiB or more that fit comfortably)")
       ->capture_default_str()
       ->check(CLI::IsMember({"auto", "mmap", "memory"}));
 }

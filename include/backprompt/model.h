@@ -1,8 +1,8 @@
 // backprompt::Model: immutable weights, hyperparameters and tokenizer of one GGUF file.
 //
 // Weights stay in the file's mmap (WeightPlacement::MAPPED) or are read once into memory of the
-// model's own on 2 MiB pages (MEMORY), which large models decode faster from; by default (AUTO)
-// a large model goes to memory when it fits comfortably. No other copy is made.
+// model's own on 2 MiB pages (MEMORY), which models decode faster from; by default (AUTO) a model
+// of 64 MiB or more goes to memory when it fits comfortably. No other copy is made.
 // Two fingerprints are computed at load and key every cached state: one over the
 // hyperparameters and all tensor data, one over the tokenizer.
 //
@@ -40,13 +40,13 @@ struct ModelConfig {
 };
 
 // Where the weights live after load. Decode reads every weight once per token. Read through the
-// file's mapping, a multi-gigabyte model spans hundreds of thousands of 4 KiB pages of the page
-// cache; read from a copy on transparent huge pages it spans a few thousand, and decode ran
-// 15-50% faster for a 1.1B-parameter model on a 2-core VM (bench/SPEED.md). The copy is the
-// process's own memory (the page cache may still hold the file too, as reclaimable cache); a
-// mapping's pages are shared by every process that maps the file.
+// file's mapping, a 1 GB model spans a quarter of a million 4 KiB pages of the page cache; read
+// from a copy on transparent huge pages it spans 500, and decode of a 1.1B-parameter model ran
+// 1.1-1.7x faster that way on a 2-core VM, 1.05-1.1x for 110-124M models (bench/SPEED.md). The
+// copy is the process's own memory (the page cache may still hold the file too, as reclaimable
+// cache); a mapping's pages are shared by every process that maps the file.
 enum class WeightPlacement {
-  AUTO,    // MEMORY for files of at least 1 GiB that take at most half the memory available,
+  AUTO,    // MEMORY for files of at least 64 MiB that take at most half the memory available,
            // when the system has transparent huge pages; MAPPED otherwise (or if allocating fails)
   MAPPED,  // a read-only mapping of the file; load reads only what validation and hashing touch
   MEMORY,  // the whole file read into memory that asks for transparent huge pages
