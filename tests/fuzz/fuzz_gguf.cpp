@@ -1,7 +1,7 @@
 // libFuzzer target: GGUF header parsing and every accessor on whatever parses.
 // Any backprompt::Error is an accepted outcome; a crash, sanitizer report, leak or timeout is a bug.
 // Built and run by tests/fuzz/run_fuzz.sh, which reads the two lines below.
-// FUZZ_SOURCES: src/gguf/gguf.cpp src/gguf/gguf_writer.cpp src/tensor/dtype.cpp src/error.cpp
+// FUZZ_SOURCES: src/gguf/gguf.cpp src/gguf/gguf_writer.cpp src/tensor/big_alloc.cpp src/tensor/dtype.cpp src/error.cpp
 // FUZZ_SEED_FILES: *.gguf
 //
 // Compiled with -DFUZZ_MAKE_SEEDS (and without -fsanitize=fuzzer) this file is instead a program
