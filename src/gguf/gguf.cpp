@@ -261,15 +261,15 @@ std::unique_ptr<File> File::open(const std::string& path, Placement placement) {
     // At least a huge page, so that even a small file's copy starts on a page boundary like a
     // mapping (tensor data is aligned relative to the file's start); the part past the file is
     // never touched.
-    file->alloc_bytes_ = std::max(file->size_, detail::HUGE_PAGE_BYTES);
-    void* p = detail::big_alloc(file->alloc_bytes_);
+    const size_t alloc_bytes = std::max(file->size_, detail::HUGE_PAGE_BYTES);
+    void* p = detail::big_alloc(alloc_bytes);
     if (p == nullptr) {
       ::close(fd);
       throw Error(ErrorCode::OUT_OF_MEMORY, path + ": cannot allocate " + std::to_string(file->size_ >> 20) +
                                                 " MiB to hold the file in memory");
     }
-    file->base_ = static_cast<const uint8_t*>(p);
-    file->owned_ = true;  // from here on ~File frees it
+    file->base_ = static_cast<const uint8_t*>(p);  // from here on ~File frees it
+    file->alloc_bytes_ = alloc_bytes;
     const std::string err = read_whole(fd, static_cast<uint8_t*>(p), file->size_);
     ::close(fd);
     if (!err.empty()) throw Error(ErrorCode::IO_ERROR, path + ": " + err);
@@ -298,7 +298,7 @@ std::unique_ptr<File> File::from_memory(std::span<const uint8_t> bytes, std::str
 
 File::~File() {
   if (mapped_) munmap(const_cast<uint8_t*>(base_), size_);
-  if (owned_) detail::big_free(const_cast<uint8_t*>(base_), alloc_bytes_);
+  if (alloc_bytes_ > 0) detail::big_free(const_cast<uint8_t*>(base_), alloc_bytes_);
 }
 
 void File::parse() {

@@ -106,9 +106,8 @@ class File {
   std::string path_;
   const uint8_t* base_ = nullptr;
   size_t size_ = 0;
-  bool mapped_ = false;  // base_ is a mapping of the file (else a MEMORY copy, or a caller's bytes)
-  bool owned_ = false;   // base_ is a MEMORY copy from detail::big_alloc (of alloc_bytes_)
-  size_t alloc_bytes_ = 0;
+  bool mapped_ = false;     // base_ is a mapping of the file
+  size_t alloc_bytes_ = 0;  // > 0: base_ is a MEMORY copy from detail::big_alloc of this many bytes
   Placement placement_ = Placement::MAPPED;
   uint32_t version_ = 0;
   uint64_t alignment_ = 32;
