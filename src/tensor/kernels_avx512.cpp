@@ -237,6 +237,14 @@ BP_TARGET_AVX512 float row_dot(const uint8_t* row, const float* x, int64_t n_in)
 // (30). Decode, alternating runs against one stream / tiles: llama-110m f32 84-93 -> 96-99
 // tok/s, tinyllama f16 15.0-16.5 -> 17.6-19.1, tinyllama f32 even (7.9-9.4 vs 8.1-8.5). For
 // q8_0 it was slower (llama-110m 285-321 -> 252-281), so q8_0 keeps one stream.
+//
+// Each stream also prefetches ROWS4_PREFETCH_BYTES ahead of its reads (past a row's end that is
+// the start of the stream's next row): a thread's share of one of llama-110m's matrices is
+// 1.2-3 MB, and the hardware prefetchers take part of every such run to pick the streams up.
+// Alternating decode runs, 3 pairs each, tok/s: llama-110m f32 113-124 -> 127-139, f16 182-193
+// -> 189-200, bf16 193-200 -> 197-206, tinyllama f16 19-24 -> 20-29; 512 bytes ahead did worse
+// than 1024, 2048 and 4096 no better. q8_0 rows (row_dot) gained nothing from it (203-213 with,
+// 212-259 without).
 template <class L>
 BP_TARGET_AVX512 void rows4_dot(const MatrixView& w, const int64_t* r, const float* x, float* y) {
   const uint8_t* row[4] = {w.row(r[0]), w.row(r[1]), w.row(r[2]), w.row(r[3])};
@@ -259,6 +267,8 @@ BP_TARGET_AVX512 void rows4_dot(const MatrixView& w, const int64_t* r, const flo
       const __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + V);
 #pragma GCC unroll 4
       for (int s = 0; s < 4; ++s) {
+        // This step reads 2 * V * BYTES bytes of the row: one cache line (f16, bf16) or two (f32).
+        for (int64_t line = 0; line < 2 * V * L::BYTES; line += 64) prefetch(row[s] + k * L::BYTES + line, ROWS4_PREFETCH_BYTES);
         a[s][0] = _mm512_fmadd_ps(L::full(row[s], k), x0, a[s][0]);
         a[s][1] = _mm512_fmadd_ps(L::full(row[s], k + V), x1, a[s][1]);
       }
