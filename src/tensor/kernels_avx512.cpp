@@ -242,7 +242,8 @@ BP_TARGET_AVX512 float row_dot(const uint8_t* row, const float* x, int64_t n_in)
 // the start of the stream's next row): a thread's share of one of llama-110m's matrices is
 // 1.2-3 MB, and the hardware prefetchers take part of every such run to pick the streams up.
 // Alternating decode runs, 3 pairs each, tok/s: llama-110m f32 113-124 -> 127-139, f16 182-193
-// -> 189-200, bf16 193-200 -> 197-206, tinyllama f16 19-24 -> 20-29; 512 bytes ahead did worse
+// -> 189-200, bf16 193-200 -> 197-206, tinyllama f16 19-24 -> 20-29, tinyllama f32 (8 KiB rows)
+// 14.2-14.4 -> 16.4 (two pairs; a third, in a slow minute, 9.8 -> 13.0); 512 bytes ahead did worse
 // than 1024, 2048 and 4096 no better. q8_0 rows (row_dot) gained nothing from it (203-213 with,
 // 212-259 without).
 template <class L>
