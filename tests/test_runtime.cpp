@@ -175,6 +175,29 @@ TEST_P(RuntimeContinuation, RaggedBatchOverSharedAncestorsEqualsFullPasses) {
   }
 }
 
+// A cleared sequence writes its new tokens' K/V over the old ones in memory it keeps: what it
+// computes next must not see any of them. The second text is shorter than the first, so stale
+// rows lie right past its end, and is then continued past where the first one ended.
+TEST_P(RuntimeContinuation, ClearedSequenceEqualsFreshOne) {
+  const auto model = bp::Model::load(generated_model(GetParam().arch, GetParam().dtype));
+  const int32_t V = model->config().n_vocab;
+  const std::vector<int32_t> first = random_tokens(V, 48, 17), second = random_tokens(V, 64, 19);
+  const std::vector<float> ref = full_pass(*model, second);
+  bp::Sequence seq(*model);
+  seq.append(first, bp::LogitsMode::NONE);
+  seq.clear();
+  EXPECT_EQ(seq.n_tokens(), 0);
+  EXPECT_TRUE(seq.tokens().empty());
+  size_t done = 0;
+  for (size_t step : {size_t{20}, size_t{1}, size_t{1}, size_t{42}}) {
+    const std::vector<float> got = seq.append(std::span<const int32_t>(second.data() + done, step), bp::LogitsMode::ALL);
+    for (size_t i = 0; i < step; ++i)
+      expect_close(got.data() + i * V, ref.data() + (done + i) * V, V, "position " + std::to_string(done + i));
+    done += step;
+  }
+  EXPECT_EQ(seq.tokens(), second);
+}
+
 INSTANTIATE_TEST_SUITE_P(Archs, RuntimeContinuation,
                          ::testing::Values(ArchCase{bp::Arch::GPT2, bp::DType::F32}, ArchCase{bp::Arch::LLAMA, bp::DType::F32},
                                            ArchCase{bp::Arch::GPT2, bp::DType::Q8_0}, ArchCase{bp::Arch::LLAMA, bp::DType::F16},

@@ -49,6 +49,10 @@ class Sequence {
   explicit Sequence(const Model& model);
   // Appends tokens, computing their K/V; returns logits ([n_vocab] for LAST, [n][n_vocab] for ALL).
   std::vector<float> append(std::span<const int32_t> tokens, LogitsMode logits = LogitsMode::LAST);
+  // Forgets every token; the K/V memory already committed is kept and written over by the next
+  // appends, which then pay no first-touch page faults for it (a loop over prompts, a benchmark's
+  // repetitions).
+  void clear() { tokens_.clear(); }
   int32_t n_tokens() const { return static_cast<int32_t>(tokens_.size()); }
   const std::vector<int32_t>& tokens() const { return tokens_; }
 
