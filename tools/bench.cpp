@@ -2,8 +2,8 @@
 //
 // The model is loaded once; load time is not part of any figure. Each test runs once to warm up
 // (page in the mmap'd weights, touch the K/V pages of the one Sequence every run reuses, grow the
-// allocator's pools), then REPS times; the lines report the
-// mean and the sample standard deviation of tokens per second over those runs:
+// allocator's pools), then REPS times; the lines report the mean and the sample standard
+// deviation of tokens per second over those runs:
 //   ppP: one Sequence::append of P random tokens, logits of the last one only (LogitsMode::LAST);
 //   tgN: after a P-token prompt (not timed), N tokens decoded one at a time, each the argmax of
 //        the previous logits; only the N decode steps are timed.

@@ -83,7 +83,7 @@ class DnnlFailure {
 // f32, f16 and bf16 rows are read as four streams per thread (rows_in_quarters); q8_0 rows
 // shorter than ROW_DOT_MAX_BYTES one at a time, longer ones in tiles.
 constexpr size_t ROW_DOT_MAX_BYTES = 8 << 10;
-// How far ahead of its reads each of the four streams prefetches (kernels_avx512.cpp, rows4_dot).
+// How far ahead of its reads each of the four streams prefetches (rows4_dot, AVX-512 and AVX2).
 constexpr int64_t ROWS4_PREFETCH_BYTES = 1024;
 
 // Rows [r0, r1) in the four-stream order: quad(r) for r = {r0 + i, r0 + q + i, r0 + 2q + i,
