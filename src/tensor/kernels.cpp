@@ -180,6 +180,10 @@ void matmul_many_part(std::span<const MatmulTarget> targets, const float* x, int
   // Each target's rows split by detail::thread_rows.
   BP_ASSERT(targets.size() <= detail::MAX_TARGETS && t >= 0 && t < n_threads);
   const detail::KernelIsa& isa = detail::kernel_isa();
+  // DecodePrecision::INT8: x quantized once here for all q8_0 targets (they share n_in).
+  thread_local detail::QuantizedRows xq;
+  const bool int8 = isa.matvec_q8_int8 != nullptr && detail::decode_precision() == DecodePrecision::INT8;
+  bool quantized = false;
   for (size_t i = 0; i < targets.size(); ++i) {
     const MatrixView& w = targets[i].w;
     rows[i] = detail::thread_rows(w.n_out, t, n_threads);
@@ -189,7 +193,13 @@ void matmul_many_part(std::span<const MatmulTarget> targets, const float* x, int
       continue;
     }
     BP_ASSERT(w.n_in % dtype_block_size(w.type) == 0 && x != nullptr && targets[i].y != nullptr && w.data != nullptr);
-    isa.matvec(w, x, n, targets[i].y, rows[i].r0, rows[i].r1);
+    if (int8 && w.type == DType::Q8_0) {
+      if (!quantized) detail::quantize_rows_q8(x, n, w.n_in, xq);
+      quantized = true;
+      isa.matvec_q8_int8(w, xq, targets[i].y, rows[i].r0, rows[i].r1);
+    } else {
+      isa.matvec(w, x, n, targets[i].y, rows[i].r0, rows[i].r1);
+    }
   }
 }
 

@@ -138,6 +138,24 @@ MatmulPrecision kernels_matmul_precision();
 // Whether this CPU runs oneDNN's bf16 GEMM natively (so that MatmulPrecision::BF16 applies).
 bool kernels_bf16_native();
 
+// Arithmetic of decode-sized products (n <= MATMUL_FUSED_MAX_N) with q8_0 weights:
+//   EXACT (default): f32 multiplies and sums on exactly converted weights, as for every type.
+//   INT8: each activation row is quantized the way q8_0 quantizes weights (per block of 32
+//     values, d = max |x| / 127 and q = round(x / d)); each block's 32 products are summed as
+//     int8 x int8 -> int32 (AVX512-VNNI) and scaled by the two blocks' d in f32. That takes about
+//     half the instructions of converting every weight to f32, the work that holds exact q8_0
+//     decode below the memory's bandwidth. Not exact: rounding the activations to 8 bits moves
+//     logits by about 1% of the largest one (bench/SPEED.md), far outside the 1e-4 the runtime
+//     is tested to. Only where the running kernels have it (kernels_int8_native(): AVX-512 with
+//     VNNI); elsewhere decode stays exact. Weights of other types are always exact.
+// The initial value comes from env BACKPROMPT_DECODE ("int8"; anything else: exact).
+// Process-wide; do not change it while kernels are running.
+enum class DecodePrecision { EXACT, INT8 };
+void kernels_set_decode_precision(DecodePrecision p);
+DecodePrecision kernels_decode_precision();
+// Whether the kernels in use (kernels_isa()) run DecodePrecision::INT8 (so that it applies).
+bool kernels_int8_native();
+
 // Name of the SIMD path chosen at run time ("avx512", "avx2", "scalar"), for diagnostics.
 // The best path this CPU supports, unless env BACKPROMPT_ISA=scalar|avx2|avx512 asks for another
 // (a path the CPU cannot run, or an unknown name, is ignored).

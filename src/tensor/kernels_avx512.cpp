@@ -379,7 +379,10 @@ BP_TARGET_AVX512 void gelu_tanh_avx512(float* x, int64_t n) {
 }
 
 const KernelIsa AVX512 = {"avx512", matvec_avx512, dequantize_row_avx512, attention_tile_avx512, silu_mul_avx512,
-                          gelu_tanh_avx512};
+                          gelu_tanh_avx512, nullptr};
+// The same with VNNI's int8 products (DecodePrecision::INT8).
+const KernelIsa AVX512_VNNI = {"avx512", matvec_avx512, dequantize_row_avx512, attention_tile_avx512, silu_mul_avx512,
+                               gelu_tanh_avx512, matvec_q8_int8_avx512};
 
 }  // namespace
 
@@ -389,7 +392,8 @@ const KernelIsa* kernel_isa_avx512() {
                   __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
                   __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                   cpu_has_f16c();
-  return ok ? &AVX512 : nullptr;
+  if (!ok) return nullptr;
+  return cpu_has_avx512_vnni() ? &AVX512_VNNI : &AVX512;
 }
 
 }  // namespace backprompt::detail

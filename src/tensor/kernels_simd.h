@@ -10,10 +10,23 @@
 #include <atomic>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "tensor/kernels.h"
 
 namespace backprompt::detail {
+
+// Activation rows quantized for DecodePrecision::INT8, the way q8_0 quantizes weights: per block
+// of 32 values, d = max |x| / 127 and q = x / d rounded to nearest (ties to even), |q| <= 127,
+// stored as q + 128 (unsigned: VNNI's unsigned operand). A block of zeros gets d = 0; one holding
+// an infinity or NaN gets d = NaN, so that its products are NaN as the exact path's would be.
+struct QuantizedRows {
+  std::vector<uint8_t> u;  // [n][n_in]: q + 128
+  std::vector<float> d;    // [n][n_in / 32]
+  int64_t n = 0, n_in = 0;
+};
+// x: [n][n_in], n_in a multiple of 32. Reuses out's memory.
+void quantize_rows_q8(const float* x, int64_t n, int64_t n_in, QuantizedRows& out);
 
 struct KernelIsa {
   const char* name;  // "scalar", "avx2", "avx512"
@@ -30,6 +43,10 @@ struct KernelIsa {
   void (*attention_tile)(const AttentionTile& t);
   void (*silu_mul)(float* gate, const float* up, int64_t n);
   void (*gelu_tanh)(float* x, int64_t n);
+
+  // DecodePrecision::INT8: matvec for q8_0 weights and quantized activation rows (x.n of them;
+  // y as matvec's). nullptr where this table has none (the product then stays exact).
+  void (*matvec_q8_int8)(const MatrixView& w, const QuantizedRows& x, float* y, int64_t r0, int64_t r1);
 };
 
 // Portable activation functions (the scalar and AVX2 tables).
@@ -47,6 +64,13 @@ bool cpu_has_f16c();
 // nullptr when this build or the running CPU cannot run that instruction set.
 const KernelIsa* kernel_isa_avx2();
 const KernelIsa* kernel_isa_avx512();
+
+// AVX512-VNNI's int8 matvec (kernels_int8_avx512.cpp), and whether the running CPU has VNNI.
+void matvec_q8_int8_avx512(const MatrixView& w, const QuantizedRows& x, float* y, int64_t r0, int64_t r1);
+bool cpu_has_avx512_vnni();
+
+// The current DecodePrecision (kernels_int8.cpp).
+DecodePrecision decode_precision();
 
 // The table matmul() uses now (chosen once from the CPU and BACKPROMPT_ISA, or forced).
 const KernelIsa& kernel_isa();
