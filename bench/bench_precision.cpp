@@ -1,8 +1,11 @@
 // bench_precision: how far MatmulPrecision::BF16 (prefill GEMMs in bf16: activations and, unless
 // they are bf16 already, weights rounded to bf16; and the prefill attention's operands) moves
 // logits from the exact f32 arithmetic, on one model and its own weights (f32, f16, bf16 or q8_0).
+// With --int8-decode: how far DecodePrecision::INT8 (q8_0 weights times activations quantized to
+// int8) moves them instead, the tokens decoded one at a time, exact and INT8 (the model's
+// matrices should be q8_0: other types are always exact at decode).
 //
-//   bench_precision MODEL [-n TOKENS] [--text FILE] [--weights f16|bf16|q8_0]
+//   bench_precision MODEL [-n TOKENS] [--text FILE] [--weights f16|bf16|q8_0] [--int8-decode]
 //
 // --weights first converts the model's 2-D f32/f16/bf16 tensors to that type (a copy in the
 // system's temp directory) and measures the copy, e.g. a trained f32 model (stories260K) as
@@ -19,6 +22,7 @@
 #include <fstream>
 #include <optional>
 #include <random>
+#include <span>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -84,19 +88,35 @@ std::vector<float> all_logits(const bp::Model& m, const std::vector<int32_t>& to
   return seq.append(tokens, bp::LogitsMode::ALL);  // [n][n_vocab]
 }
 
+// The same, decoding one token at a time under decode precision p.
+std::vector<float> decoded_logits(const bp::Model& m, const std::vector<int32_t>& tokens, bp::DecodePrecision p) {
+  bp::kernels_set_decode_precision(p);
+  bp::Sequence seq(m);
+  std::vector<float> all;  // [n][n_vocab]
+  for (const int32_t t : tokens) {
+    const std::vector<float> got = seq.append(std::span<const int32_t>(&t, 1), bp::LogitsMode::ALL);
+    all.insert(all.end(), got.begin(), got.end());
+  }
+  bp::kernels_set_decode_precision(bp::DecodePrecision::EXACT);
+  return all;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    std::fprintf(stderr, "usage: bench_precision MODEL [-n TOKENS] [--text FILE] [--weights f16|bf16|q8_0]\n");
+    std::fprintf(stderr, "usage: bench_precision MODEL [-n TOKENS] [--text FILE] [--weights f16|bf16|q8_0] [--int8-decode]\n");
     return 2;
   }
   std::string path = argv[1], text_path;
   int n_tokens = 256;
   std::optional<bp::DType> weights;  // convert to this type first
+  bool int8_decode = false;
   for (int i = 2; i < argc; ++i) {
     const std::string a = argv[i];
-    if (a == "-n" && i + 1 < argc) {
+    if (a == "--int8-decode") {
+      int8_decode = true;
+    } else if (a == "-n" && i + 1 < argc) {
       n_tokens = std::atoi(argv[++i]);
     } else if (a == "--text" && i + 1 < argc) {
       text_path = argv[++i];
@@ -112,8 +132,12 @@ int main(int argc, char** argv) {
     }
   }
   try {
-    if (!bp::kernels_bf16_native()) {
+    if (!int8_decode && !bp::kernels_bf16_native()) {
       std::printf("this CPU has no native bf16 GEMM: MatmulPrecision::BF16 does not apply here\n");
+      return 0;
+    }
+    if (int8_decode && !bp::kernels_int8_native()) {
+      std::printf("the %s kernels have no int8 products: DecodePrecision::INT8 does not apply here\n", bp::kernels_isa());
       return 0;
     }
     std::shared_ptr<bp::Model> model = bp::Model::load(path);
@@ -133,8 +157,10 @@ int main(int argc, char** argv) {
       for (int i = 0; i < n_tokens; ++i) tokens.push_back(static_cast<int32_t>(rng() % static_cast<uint32_t>(c.n_vocab)));
     }
     tokens.resize(std::min<size_t>(tokens.size(), std::min<size_t>(static_cast<size_t>(n_tokens), static_cast<size_t>(c.n_ctx))));
-    const std::vector<float> exact = all_logits(*model, tokens, bp::MatmulPrecision::EXACT);
-    const std::vector<float> fast = all_logits(*model, tokens, bp::MatmulPrecision::BF16);
+    const std::vector<float> exact = int8_decode ? decoded_logits(*model, tokens, bp::DecodePrecision::EXACT)
+                                                 : all_logits(*model, tokens, bp::MatmulPrecision::EXACT);
+    const std::vector<float> fast = int8_decode ? decoded_logits(*model, tokens, bp::DecodePrecision::INT8)
+                                                : all_logits(*model, tokens, bp::MatmulPrecision::BF16);
 
     double max_diff = 0, max_ref = 0, sum_diff = 0;
     int64_t same_argmax = 0;
@@ -154,9 +180,9 @@ int main(int argc, char** argv) {
     std::printf("model: %s (%s weights), %lld positions x %lld vocab, %s prompt\n", path.c_str(),
                 model->weight_type_name().c_str(), static_cast<long long>(n), static_cast<long long>(V),
                 text_path.empty() ? "random" : "text");
-    std::printf("bf16 arithmetic vs exact: max |diff| %.3g, max |logit| %.3g, ratio %.3g (tests allow 1e-4); "
+    std::printf("%s vs exact: max |diff| %.3g, max |logit| %.3g, ratio %.3g (tests allow 1e-4); "
                 "mean |diff| %.3g; same argmax at %lld/%lld positions\n",
-                max_diff, max_ref, max_diff / std::max(1.0, max_ref), sum_diff / static_cast<double>(n * V),
+                int8_decode ? "int8 decode" : "bf16 arithmetic", max_diff, max_ref, max_diff / std::max(1.0, max_ref), sum_diff / static_cast<double>(n * V),
                 static_cast<long long>(same_argmax), static_cast<long long>(n));
   } catch (const bp::Error& e) {
     std::fprintf(stderr, "bench_precision: %s\n", e.what());

@@ -22,7 +22,8 @@
 #             over the peak GEMM throughput of the arithmetic used (f32 sgemm; bf16 GEMM for the
 #             starred rows "f16*", "bf16*", "q8_0*", which run the same model with
 #             BACKPROMPT_MATMUL=bf16: activations, weights and the attention's operands rounded
-#             to bf16, not exact)
+#             to bf16, not exact; "q8_0*" also with BACKPROMPT_DECODE=int8: decode's q8_0 products
+#             on activations quantized to int8, not exact)
 #   tg/bw     bytes a decode step must read (every weight matrix except the embedding table, plus
 #             the f32 K/V of the 576 positions attended to on average) x tg128 / read bandwidth
 #             measured next to that row (`bench_limits --bandwidth` just before and just after it,
@@ -52,7 +53,10 @@ for preset in $only; do
   for dt in $dtypes; do
     f=$(model_file "$preset" "$dt")
     runs+=("$preset $dt $dt $f -")
-    case $dt in f16 | bf16 | q8_0) runs+=("$preset $dt $dt* $f BACKPROMPT_MATMUL=bf16") ;; esac
+    case $dt in
+      f16 | bf16) runs+=("$preset $dt $dt* $f BACKPROMPT_MATMUL=bf16") ;;
+      q8_0) runs+=("$preset $dt $dt* $f BACKPROMPT_MATMUL=bf16 BACKPROMPT_DECODE=int8") ;;
+    esac
   done
 done
 
@@ -82,7 +86,8 @@ for r in "${runs[@]}"; do
   if [ "$envs" = - ]; then
     "$bp" bench -m "$f" -p 512 -n 128 -r "$reps" "${threads_arg[@]}" | tee "$log"
   else
-    env "$envs" "$bp" bench -m "$f" -p 512 -n 128 -r "$reps" "${threads_arg[@]}" | tee "$log"
+    read -r -a env_list <<<"$envs"
+    env "${env_list[@]}" "$bp" bench -m "$f" -p 512 -n 128 -r "$reps" "${threads_arg[@]}" | tee "$log"
   fi
   read -r bw_after fbw_after <<<"$(bandwidth_probe "$f")"
   echo "   read bandwidth just after: $bw_after GB/s, the model file's pages $fbw_after GB/s"
@@ -214,6 +219,7 @@ print(f"limits: f32 GEMM {limits.get('gemm_f32', 0):.0f} GFLOP/s, bf16 GEMM {lim
       f"int8 GEMM {limits.get('gemm_s8', 0):.0f} GOP/s, read bandwidth {limits.get('bandwidth', 0):.1f} GB/s (all threads); "
       f"highest read bandwidth in the run {bw_best:.1f} GB/s")
 print("f16*, bf16*, q8_0*: BACKPROMPT_MATMUL=bf16 (activations, weights and attention operands rounded to bf16 in prefill; not exact); "
+      "q8_0* also BACKPROMPT_DECODE=int8 (decode's q8_0 products on activations quantized to int8; not exact); "
       "bf16 rows are compared with llama.cpp's f16 figures")
 EOF
 echo "(logs in $out/speed-*.txt; on a shared machine figures are noisy: compare runs made under the same load)"

@@ -22,7 +22,9 @@
 # Columns: pp512 (one 512-token prefill) and tg128 (128 tokens decoded one at a time after a
 # 512-token prompt) in tokens/s, mean of both rounds; "ratio" is backprompt over llama.cpp.
 # pp512 bf16*: backprompt with BACKPROMPT_MATMUL=bf16 (not exact), against the same llama.cpp
-# prefill. llama.cpp runs with its defaults: f16 K/V cache (ours: f32), flash attention "auto",
+# prefill. tg128 int8* (q8_0 models): backprompt with BACKPROMPT_DECODE=int8 (decode's q8_0
+# products on activations quantized to int8, as llama.cpp does; not exact), against the same
+# llama.cpp decode. llama.cpp runs with its defaults: f16 K/V cache (ours: f32), flash attention "auto",
 # q8_0 activations for q8_0 weights, weights repacked at load where it has a layout for them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -68,7 +70,13 @@ for preset in $only; do
           grep -E "^pp" "$c" | sed 's/^/   backprompt bf16* /'
           ;;
       esac
-      echo "$preset $dt $round $a $b $c" >>"$results"
+      d=-
+      if [ "$dt" = q8_0 ]; then
+        d=$out/vs-$preset-$dt-bpint8-$round.txt
+        BACKPROMPT_DECODE=int8 "$bp" bench -m "$f" -p 512 -n 128 -r "$reps" -t "$threads" >"$d"
+        grep -E "^tg" "$d" | sed 's/^/   backprompt int8* /'
+      fi
+      echo "$preset $dt $round $a $b $c $d" >>"$results"
     done
   done
 done
@@ -93,11 +101,11 @@ def rate(path, prefix):
 runs = defaultdict(lambda: defaultdict(list))  # (preset, dtype) -> measure -> [value per round]
 order = []
 for line in open(sys.argv[1]):
-    preset, dt, _, a, b, c = line.split()
+    preset, dt, _, a, b, c, d = line.split()
     key = (preset, dt)
     if key not in runs:
         order.append(key)
-    for name, path, prefix in (("bp_pp", a, "pp"), ("bp_tg", a, "tg"), ("lc_pp", b, "pp"), ("lc_tg", b, "tg"), ("bf_pp", c, "pp")):
+    for name, path, prefix in (("bp_pp", a, "pp"), ("bp_tg", a, "tg"), ("lc_pp", b, "pp"), ("lc_tg", b, "tg"), ("bf_pp", c, "pp"), ("i8_tg", d, "tg")):
         v = rate(path, prefix)
         if v is not None:
             runs[key][name].append(v)
@@ -112,17 +120,19 @@ def ratio(a, b):
     return f"{a / b:.2f}x" if a and b else "-"
 
 head = ["model", "type", "pp512 backprompt", "llama.cpp", "ratio", "pp512 bf16*", "ratio",
-        "tg128 backprompt", "llama.cpp", "ratio"]
+        "tg128 backprompt", "llama.cpp", "ratio", "tg128 int8*", "ratio"]
 rows = []
 for key in order:
     r = {k: mean(v) for k, v in runs[key].items()}
     rows.append([key[0], key[1], cell(r.get("bp_pp")), cell(r.get("lc_pp")), ratio(r.get("bp_pp"), r.get("lc_pp")),
                  cell(r.get("bf_pp")), ratio(r.get("bf_pp"), r.get("lc_pp")),
-                 cell(r.get("bp_tg"), 2), cell(r.get("lc_tg"), 2), ratio(r.get("bp_tg"), r.get("lc_tg"))])
+                 cell(r.get("bp_tg"), 2), cell(r.get("lc_tg"), 2), ratio(r.get("bp_tg"), r.get("lc_tg")),
+                 cell(r.get("i8_tg"), 2), ratio(r.get("i8_tg"), r.get("lc_tg"))])
 width = [max(len(str(x[i])) for x in rows + [head]) for i in range(len(head))]
 print("  ".join(h.ljust(w) for h, w in zip(head, width)))
 for x in rows:
     print("  ".join(str(c).ljust(w) for c, w in zip(x, width)))
-print("tokens/s, mean of two rounds; ratio = backprompt / llama.cpp; bf16* = BACKPROMPT_MATMUL=bf16 (not exact)")
+print("tokens/s, mean of two rounds; ratio = backprompt / llama.cpp; bf16* = BACKPROMPT_MATMUL=bf16 (not exact); "
+      "int8* = BACKPROMPT_DECODE=int8 (not exact)")
 PY
 echo "(logs in $out/vs-*.txt)"

@@ -122,6 +122,24 @@ TEST(KernelsInt8, QuantizationFollowsTheQ8_0Rule) {
     }
     EXPECT_TRUE(d == 0.0f || reached) << "block " << b << ": its largest value must map to +-127";
   }
+  // The kernels' own quantizer gives the same bytes and scales, on these blocks and on many more
+  // (values on a coarse grid, so that some land exactly halfway between two steps).
+  const bp::detail::KernelIsa& isa = bp::detail::kernel_isa();
+  if (isa.quantize_q8 == nullptr) return;
+  std::vector<float> many = random_normal(50 * n_in, 4, 3.0f);
+  for (size_t i = 0; i < many.size(); i += 3) many[i] = std::round(many[i] * 8.0f) / 8.0f;
+  for (const std::vector<float>* v : {&x, &many}) {
+    const int64_t rows = static_cast<int64_t>(v->size()) / n_in;
+    bp::detail::QuantizedRows portable, fast;
+    bp::detail::quantize_rows_q8(v->data(), rows, n_in, portable);
+    isa.quantize_q8(v->data(), rows, n_in, fast);
+    EXPECT_EQ(fast.n, portable.n);
+    EXPECT_EQ(fast.u, portable.u);
+    ASSERT_EQ(fast.d.size(), portable.d.size());
+    for (size_t b = 0; b < portable.d.size(); ++b) {
+      EXPECT_TRUE(fast.d[b] == portable.d[b] || (std::isnan(fast.d[b]) && std::isnan(portable.d[b]))) << "block " << b;
+    }
+  }
 }
 
 // Every shape the kernel splits differently: one block, an odd block left after pairs, rows in

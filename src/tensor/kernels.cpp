@@ -194,7 +194,7 @@ void matmul_many_part(std::span<const MatmulTarget> targets, const float* x, int
     }
     BP_ASSERT(w.n_in % dtype_block_size(w.type) == 0 && x != nullptr && targets[i].y != nullptr && w.data != nullptr);
     if (int8 && w.type == DType::Q8_0) {
-      if (!quantized) detail::quantize_rows_q8(x, n, w.n_in, xq);
+      if (!quantized) isa.quantize_q8(x, n, w.n_in, xq);
       quantized = true;
       isa.matvec_q8_int8(w, xq, targets[i].y, rows[i].r0, rows[i].r1);
     } else {

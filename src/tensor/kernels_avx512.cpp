@@ -379,10 +379,10 @@ BP_TARGET_AVX512 void gelu_tanh_avx512(float* x, int64_t n) {
 }
 
 const KernelIsa AVX512 = {"avx512", matvec_avx512, dequantize_row_avx512, attention_tile_avx512, silu_mul_avx512,
-                          gelu_tanh_avx512, nullptr};
+                          gelu_tanh_avx512, nullptr, nullptr};
 // The same with VNNI's int8 products (DecodePrecision::INT8).
 const KernelIsa AVX512_VNNI = {"avx512", matvec_avx512, dequantize_row_avx512, attention_tile_avx512, silu_mul_avx512,
-                               gelu_tanh_avx512, matvec_q8_int8_avx512};
+                               gelu_tanh_avx512, matvec_q8_int8_avx512, quantize_rows_q8_avx512};
 
 }  // namespace
 

@@ -37,7 +37,7 @@ void matvec_scalar(const MatrixView& w, const float* x, int64_t n, float* y, int
 }
 
 const KernelIsa SCALAR = {"scalar", matvec_scalar, dequantize_row, attention_tile_portable, silu_mul_portable,
-                          gelu_tanh_portable, nullptr};
+                          gelu_tanh_portable, nullptr, nullptr};
 
 }  // namespace
 

@@ -25,7 +25,8 @@ struct QuantizedRows {
   std::vector<float> d;    // [n][n_in / 32]
   int64_t n = 0, n_in = 0;
 };
-// x: [n][n_in], n_in a multiple of 32. Reuses out's memory.
+// x: [n][n_in], n_in a multiple of 32. Reuses out's memory. The portable version; kernel tables
+// with int8 products bring their own (KernelIsa::quantize_q8), with the same results.
 void quantize_rows_q8(const float* x, int64_t n, int64_t n_in, QuantizedRows& out);
 
 struct KernelIsa {
@@ -45,8 +46,10 @@ struct KernelIsa {
   void (*gelu_tanh)(float* x, int64_t n);
 
   // DecodePrecision::INT8: matvec for q8_0 weights and quantized activation rows (x.n of them;
-  // y as matvec's). nullptr where this table has none (the product then stays exact).
+  // y as matvec's), and quantize_rows_q8 on this instruction set. nullptr where this table has
+  // none (the product then stays exact).
   void (*matvec_q8_int8)(const MatrixView& w, const QuantizedRows& x, float* y, int64_t r0, int64_t r1);
+  void (*quantize_q8)(const float* x, int64_t n, int64_t n_in, QuantizedRows& out);
 };
 
 // Portable activation functions (the scalar and AVX2 tables).
@@ -65,8 +68,10 @@ bool cpu_has_f16c();
 const KernelIsa* kernel_isa_avx2();
 const KernelIsa* kernel_isa_avx512();
 
-// AVX512-VNNI's int8 matvec (kernels_int8_avx512.cpp), and whether the running CPU has VNNI.
+// AVX512-VNNI's int8 matvec and quantizer (kernels_int8_avx512.cpp), and whether the running CPU
+// has VNNI.
 void matvec_q8_int8_avx512(const MatrixView& w, const QuantizedRows& x, float* y, int64_t r0, int64_t r1);
+void quantize_rows_q8_avx512(const float* x, int64_t n, int64_t n_in, QuantizedRows& out);
 bool cpu_has_avx512_vnni();
 
 // The current DecodePrecision (kernels_int8.cpp).
