@@ -25,6 +25,7 @@
 #include "backprompt/model.h"
 #include "commands.h"
 #include "model/runtime.h"
+#include "tensor/kernels.h"
 
 namespace backprompt::tools {
 
@@ -120,6 +121,11 @@ int run_bench(const BenchOptions& opt) {
                                    ? "in memory (read at load, transparent huge pages asked for)"
                                    : "mapped from the file");
   std::printf("threads: %d\n", n_threads);
+  const bool bf16 = kernels_matmul_precision() == MatmulPrecision::BF16 && kernels_bf16_native();
+  const bool int8 = kernels_decode_precision() == DecodePrecision::INT8 && kernels_int8_native();
+  std::printf("arithmetic: prefill %s, decode %s (%s kernels)\n",
+              bf16 ? "bf16 (BACKPROMPT_MATMUL=bf16, not exact)" : "exact",
+              int8 ? "int8 activations for q8_0 weights (BACKPROMPT_DECODE=int8, not exact)" : "exact", kernels_isa());
   double load[1] = {0};
   if (getloadavg(load, 1) == 1) {  // other work on the machine makes every figure below noisy
     std::printf("load average: %.2f on %d cores before the run\n", load[0], omp_get_num_procs());

@@ -10,9 +10,15 @@
 // Dots (fewer query vectors, decode): lanes run over head dimensions. Each key row is loaded
 // once and dotted with every query vector of the tile (the heads that share it; a tile may span
 // several key/value heads, whose columns of a row are then read together), then V rows are
-// accumulated into the output rows: reading K and V once is what decode costs. K and V rows are
-// prefetched DOT_PREFETCH_ROWS ahead (measured on a 2-core AVX-512 machine, llama-110m shape at 640
-// positions, one thread: 18 -> 29 GB/s; reading 6 heads of each row together: 31).
+// accumulated into the output rows: reading K and V once is what decode costs. Scores are
+// computed 16 keys at a time per query vector and their horizontal sums taken together (sums16):
+// one tile over llama-110m's 12 heads and 288 keys, in cache, one thread on a 2-core AVX-512 VM,
+// took 104 ns per key this way against 155 with one reduction per key. Tiles over some of a
+// row's heads prefetch their K and V columns DOT_PREFETCH_ROWS rows ahead (llama-110m shape at 640
+// positions, one thread: 18 -> 29 GB/s; reading 6 heads of each row together: 31); tiles over
+// whole rows do not: the hardware prefetchers follow K and V as two contiguous runs, and the
+// prefetch instructions cost more than they bring (the same tile: 76 ns per key without them in
+// cache, 104 with; 162 against 192-211 with K/V from memory; llama-110m decode +3-7%).
 //
 // exp: exp_ps (kernels_avx512_math.h), relative error ~2e-7; masked-out keys give exactly 0.
 #include <cmath>
@@ -478,6 +484,52 @@ BP_TARGET_AVX512 void dot_pv(const float* p, const int64_t* col, int32_t n_block
   }
 }
 
+// The horizontal sums of 16 vectors as one vector: lane i = the sum of a[i]'s 16 lanes. Pairs of
+// vectors are interleaved and added, halving the lanes each vector sums over: 45 instructions,
+// where 16 separate reductions take 128.
+BP_TARGET_AVX512 inline __m512 sums16(const __m512* a) {
+  __m512 t[8], u[4], w[2];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {  // per 128-bit lane: [a0 + a2, b0 + b2, a1 + a3, b1 + b3]
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: the four vectors' sums over that lane
+    const __m512d x = _mm512_castps_pd(t[2 * i]), y = _mm512_castps_pd(t[2 * i + 1]);
+    u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i) {  // 128-bit lanes added in pairs
+    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x88), _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xDD));
+  }
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
+}
+
+// Scores of query vector i (qs: its NV scaled vectors) against the n (<= 16) keys whose rows
+// start at k, kv_stride apart, reading columns col ... col + head_dim: one vector of 16 lanes,
+// lane j for key j (lanes from n on: 0).
+template <int NV>
+BP_TARGET_AVX512 inline __m512 scores16(const float* qs, const float* k, int64_t kv_stride, int32_t n, __mmask16 last) {
+  __m512 q[NV], acc[L];
+#pragma GCC unroll 8
+  for (int u = 0; u < NV; ++u) q[u] = _mm512_load_ps(qs + u * L);
+#pragma GCC unroll 16
+  for (int j = 0; j < L; ++j) {
+    if (j >= n) {
+      acc[j] = _mm512_setzero_ps();
+      continue;
+    }
+    const float* kj = k + j * kv_stride;
+    acc[j] = _mm512_mul_ps(NV > 1 ? _mm512_loadu_ps(kj) : _mm512_maskz_loadu_ps(last, kj), q[0]);
+#pragma GCC unroll 8
+    for (int u = 1; u < NV; ++u) {
+      const __m512 kk = u + 1 < NV ? _mm512_loadu_ps(kj + u * L) : _mm512_maskz_loadu_ps(last, kj + u * L);
+      acc[j] = _mm512_fmadd_ps(kk, q[u], acc[j]);
+    }
+  }
+  return sums16(acc);
+}
+
 template <int NV>
 BP_TARGET_AVX512 void tile_dots(const AttentionTile& t) {
   constexpr int NP = NV * L;
@@ -504,6 +556,9 @@ BP_TARGET_AVX512 void tile_dots(const AttentionTile& t) {
   }
   const int64_t span = static_cast<int64_t>(t.n_kv_heads) * hd;  // columns of a row the tile reads
   const int64_t ahead = DOT_PREFETCH_ROWS * t.kv_stride;
+  // A tile over every key/value head reads whole rows, K and V each one contiguous run that the
+  // hardware prefetchers follow; prefetching them as well only costs instructions.
+  const bool prefetch = span < t.kv_stride;
 
   const int64_t n_keys = t.n_keys0 + t.n_rows - 1;
   int64_t key0 = 0;
@@ -512,20 +567,21 @@ BP_TARGET_AVX512 void tile_dots(const AttentionTile& t) {
     const int64_t n_use = min_i64(kv.n, n_keys - key0);
     for (int64_t j0 = 0; j0 < n_use; j0 += DOT_BLOCK) {
       const int32_t n_block = static_cast<int32_t>(min_i64(DOT_BLOCK, n_use - j0));
-      for (int32_t j = 0; j < n_block; ++j) {
+      // Scores, 16 keys at a time per query vector (lanes past n_block or past the keys the
+      // vector sees: -inf).
+      for (int32_t j = 0; j < n_block; j += L) {
+        const int32_t n = n_block - j < L ? n_block - j : L;
         const float* k = kv.k + (j0 + j) * t.kv_stride;
-        prefetch_row(k, ahead, 0, span);  // K, and V for the pass over values below
-        prefetch_row(kv.v + (j0 + j) * t.kv_stride, ahead, 0, span);
+        for (int32_t jj = 0; jj < n && prefetch; ++jj) {  // K, and V for the pass over values below
+          prefetch_row(k + jj * t.kv_stride, ahead, 0, span);
+          prefetch_row(kv.v + (j0 + j + jj) * t.kv_stride, ahead, 0, span);
+        }
         const int64_t key = key0 + j0 + j;
         for (int32_t i = 0; i < n_q; ++i) {
-          const float* ki = k + col[i];
-          __m512 acc = _mm512_mul_ps(NV > 1 ? _mm512_loadu_ps(ki) : _mm512_maskz_loadu_ps(last, ki), _mm512_load_ps(qs + i * NP));
-#pragma GCC unroll 8
-          for (int u = 1; u < NV; ++u) {
-            const __m512 kk = u + 1 < NV ? _mm512_loadu_ps(ki + u * L) : _mm512_maskz_loadu_ps(last, ki + u * L);
-            acc = _mm512_fmadd_ps(kk, _mm512_load_ps(qs + i * NP + u * L), acc);
-          }
-          s[i * DOT_BLOCK + j] = key < n_seen[i] ? _mm512_reduce_add_ps(acc) : -INFINITY;
+          const int64_t seen = min_i64(n, n_seen[i] - key);  // > 0 keys of these this vector sees
+          const __mmask16 live = seen <= 0 ? 0 : static_cast<__mmask16>((1u << seen) - 1);
+          const __m512 sc = scores16<NV>(qs + i * NP, k + col[i], t.kv_stride, n, last);
+          _mm512_store_ps(s + i * DOT_BLOCK + j, _mm512_mask_blend_ps(live, _mm512_set1_ps(-INFINITY), sc));
         }
       }
       // Online softmax per query vector (every one sees key 0: m is finite after block 0).
