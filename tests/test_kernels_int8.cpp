@@ -23,6 +23,7 @@
 namespace bp = backprompt;
 using bp::DType;
 using bp::testing::random_normal;
+using bp::testing::random_tokens;
 
 namespace {
 
@@ -210,14 +211,6 @@ TEST(KernelsInt8, MatmulUsesItOnlyWhenAskedForQ8_0AtDecodeSizes) {
     }
   }
   omp_set_num_threads(saved_threads);
-}
-
-std::vector<int32_t> random_tokens(int32_t n_vocab, size_t n, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::uniform_int_distribution<int32_t> dist(0, n_vocab - 1);
-  std::vector<int32_t> t(n);
-  for (auto& v : t) v = dist(rng);
-  return t;
 }
 
 // All positions' logits of `tokens` appended in pieces of the given sizes (cycled).

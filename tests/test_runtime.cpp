@@ -15,16 +15,9 @@
 namespace bp = backprompt;
 using bp::testing::compare_logits;
 using bp::testing::generated_model;
+using bp::testing::random_tokens;
 
 namespace {
-
-std::vector<int32_t> random_tokens(int32_t n_vocab, size_t n, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::uniform_int_distribution<int32_t> dist(0, n_vocab - 1);
-  std::vector<int32_t> t(n);
-  for (auto& x : t) x = dist(rng);
-  return t;
-}
 
 // All-position logits of one uncached pass: [n][n_vocab].
 std::vector<float> full_pass(const bp::Model& m, const std::vector<int32_t>& tokens) {

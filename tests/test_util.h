@@ -161,6 +161,15 @@ inline LogitCompare compare_logits(const float* got, const float* ref, int64_t n
   return c;
 }
 
+// n token ids drawn uniformly from [0, n_vocab), seeded.
+inline std::vector<int32_t> random_tokens(int32_t n_vocab, size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<int32_t> dist(0, n_vocab - 1);
+  std::vector<int32_t> t(n);
+  for (auto& x : t) x = dist(rng);
+  return t;
+}
+
 // n values drawn from N(0, scale^2), seeded.
 inline std::vector<float> random_normal(int64_t n, uint32_t seed, float scale = 1.0f) {
   std::mt19937 rng(seed);

@@ -49,13 +49,18 @@ float quantize_block(const float* x, uint8_t* u) {
 
 DecodePrecision decode_precision() { return decode_current().load(std::memory_order_relaxed); }
 
+int64_t QuantizedRows::reset(int64_t rows, int64_t row_size) {
+  BP_ASSERT(rows >= 0 && row_size >= 0 && row_size % Q8_0_BLOCK == 0);
+  const int64_t n_blocks = row_size / Q8_0_BLOCK;
+  u.resize(static_cast<size_t>(rows * row_size));
+  d.resize(static_cast<size_t>(rows * n_blocks));
+  n = rows;
+  n_in = row_size;
+  return n_blocks;
+}
+
 void quantize_rows_q8(const float* x, int64_t n, int64_t n_in, QuantizedRows& out) {
-  BP_ASSERT(n >= 0 && n_in >= 0 && n_in % Q8_0_BLOCK == 0);
-  const int64_t n_blocks = n_in / Q8_0_BLOCK;
-  out.u.resize(static_cast<size_t>(n * n_in));
-  out.d.resize(static_cast<size_t>(n * n_blocks));
-  out.n = n;
-  out.n_in = n_in;
+  const int64_t n_blocks = out.reset(n, n_in);
   for (int64_t j = 0; j < n; ++j) {
     for (int64_t b = 0; b < n_blocks; ++b) {
       const int64_t at = j * n_in + b * Q8_0_BLOCK;

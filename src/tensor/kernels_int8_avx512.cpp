@@ -158,12 +158,7 @@ static BP_TARGET_AVX512_VNNI inline __m128i quantized16(__m512 v, __m512 inv) {
 // quantize_rows_q8's rule with the same f32 operations (so the same results): per block, the
 // largest |x|, inv = 127 / it, q = x inv rounded to nearest even and clamped to +-127.
 BP_TARGET_AVX512_VNNI void quantize_rows_q8_avx512(const float* x, int64_t n, int64_t n_in, QuantizedRows& out) {
-  BP_ASSERT(n >= 0 && n_in >= 0 && n_in % Q8_0_BLOCK == 0);
-  const int64_t n_blocks = n_in / Q8_0_BLOCK;
-  out.u.resize(static_cast<size_t>(n * n_in));
-  out.d.resize(static_cast<size_t>(n * n_blocks));
-  out.n = n;
-  out.n_in = n_in;
+  const int64_t n_blocks = out.reset(n, n_in);
   for (int64_t k = 0; k < n * n_blocks; ++k) {
     const float* xb = x + k * Q8_0_BLOCK;
     uint8_t* ub = out.u.data() + k * Q8_0_BLOCK;
@@ -195,43 +190,6 @@ bool cpu_has_avx512_vnni() {
 #else  // not x86
 
 namespace backprompt::detail {
-// 16 values v times inv, rounded to nearest even, clamped to +-127, plus 128, as bytes.
-static BP_TARGET_AVX512_VNNI inline __m128i quantized16(__m512 v, __m512 inv) {
-  const __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(v, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 clamped = _mm512_min_ps(_mm512_set1_ps(127.0f), _mm512_max_ps(_mm512_set1_ps(-127.0f), q));
-  return _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(clamped), _mm512_set1_epi32(128)));
-}
-
-// quantize_rows_q8's rule with the same f32 operations (so the same results): per block, the
-// largest |x|, inv = 127 / it, q = x inv rounded to nearest even and clamped to +-127.
-BP_TARGET_AVX512_VNNI void quantize_rows_q8_avx512(const float* x, int64_t n, int64_t n_in, QuantizedRows& out) {
-  BP_ASSERT(n >= 0 && n_in >= 0 && n_in % Q8_0_BLOCK == 0);
-  const int64_t n_blocks = n_in / Q8_0_BLOCK;
-  out.u.resize(static_cast<size_t>(n * n_in));
-  out.d.resize(static_cast<size_t>(n * n_blocks));
-  out.n = n;
-  out.n_in = n_in;
-  for (int64_t k = 0; k < n * n_blocks; ++k) {
-    const float* xb = x + k * Q8_0_BLOCK;
-    uint8_t* ub = out.u.data() + k * Q8_0_BLOCK;
-    const __m512 a = _mm512_loadu_ps(xb), b = _mm512_loadu_ps(xb + 16);
-    // Finite lanes: |v| <= FLT_MAX (false for infinities and NaN).
-    const __m512 flt_max = _mm512_set1_ps(3.40282347e38f);
-    const __mmask16 fa = _mm512_cmp_ps_mask(_mm512_abs_ps(a), flt_max, _CMP_LE_OQ);
-    const __mmask16 fb = _mm512_cmp_ps_mask(_mm512_abs_ps(b), flt_max, _CMP_LE_OQ);
-    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
-    if (fa != 0xFFFF || fb != 0xFFFF || amax == 0.0f) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(ub), _mm256_set1_epi8(static_cast<char>(0x80)));
-      out.d[static_cast<size_t>(k)] = fa != 0xFFFF || fb != 0xFFFF ? __builtin_nanf("") : 0.0f;
-      continue;
-    }
-    const __m512 inv = _mm512_set1_ps(127.0f / amax);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(ub), quantized16(a, inv));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(ub + 16), quantized16(b, inv));
-    out.d[static_cast<size_t>(k)] = amax / 127.0f;
-  }
-}
-
 bool cpu_has_avx512_vnni() { return false; }
 }  // namespace backprompt::detail
 

@@ -24,6 +24,9 @@ struct QuantizedRows {
   std::vector<uint8_t> u;  // [n][n_in]: q + 128
   std::vector<float> d;    // [n][n_in / 32]
   int64_t n = 0, n_in = 0;
+  // Sized for rows x row_size values (row_size a multiple of 32), memory reused; returns the
+  // blocks per row.
+  int64_t reset(int64_t rows, int64_t row_size);
 };
 // x: [n][n_in], n_in a multiple of 32. Reuses out's memory. The portable version; kernel tables
 // with int8 products bring their own (KernelIsa::quantize_q8), with the same results.
