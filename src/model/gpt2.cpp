@@ -5,7 +5,6 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <cstring>
 #include <iterator>
 #include <vector>
 
@@ -43,14 +42,17 @@ struct Activations {
   float* h;    // [n][n_embd] normalized input, then block outputs (step schedule)
 };
 
-// Columns [cols.r0, cols.r1) of the fused qkv output ([n][3d], bias added) into q, k and v ([n][d]).
-void split_qkv(const Activations& a, int64_t n, int64_t d, const RowRange& cols) {
+// Columns [cols.r0, cols.r1) of the fused qkv output ([n][3d]) plus their bias into q, k and v
+// ([n][d]). Parallel over rows unless called inside a parallel region.
+void split_qkv(const Activations& a, int64_t n, int64_t d, const RowRange& cols, const float* bias) {
   float* parts[3] = {a.q, a.k, a.v};
+#pragma omp parallel for if (n >= 4 && !omp_in_parallel())
   for (int64_t j = 0; j < n; ++j) {
     for (int64_t r = cols.r0; r < cols.r1;) {
       const int64_t part = r / d, end = std::min(cols.r1, (part + 1) * d);
-      std::memcpy(parts[part] + j * d + (r - part * d), a.qkv + j * 3 * d + r, static_cast<size_t>(end - r) * sizeof(float));
-      r = end;
+      float* dst = parts[part] + j * d - part * d;  // dst[r] for r in [r, end)
+      const float* src = a.qkv + j * 3 * d;
+      for (; r < end; ++r) dst[r] = src[r] + bias[r];
     }
   }
 }
@@ -63,21 +65,17 @@ void hidden_steps(const ModelImpl& m, const Batch& b, float* x, Activations& a) 
     const LayerWeights& L = m.layers[static_cast<size_t>(il)];
     ops::layer_norm(x, h, n, d, L.attn_norm_w.data(), L.attn_norm_b.data(), c.norm_eps);
     matmul(L.attn_qkv, h, n, a.qkv);
-    ops::add_bias(a.qkv, n, 3 * d, L.attn_qkv_b.data());
-    split_qkv(a, n, d, {0, 3 * d});
+    split_qkv(a, n, d, {0, 3 * d}, L.attn_qkv_b.data());
     store_kv(b, il, a.k, a.v);
     attention(b, il, a.q, a.att);
     matmul(L.attn_out, a.att, n, h);
-    ops::add_bias(h, n, d, L.attn_out_b.data());
-    ops::add(x, h, n * d);
+    ops::add_residual(x, h, n, d, L.attn_out_b.data());
 
     ops::layer_norm(x, h, n, d, L.ffn_norm_w.data(), L.ffn_norm_b.data(), c.norm_eps);
     matmul(L.ffn_up, h, n, a.up);
-    ops::add_bias(a.up, n, ff, L.ffn_up_b.data());
-    ops::gelu(a.up, n * ff);
+    ops::bias_gelu(a.up, n, ff, L.ffn_up_b.data());
     matmul(L.ffn_down, a.up, n, h);
-    ops::add_bias(h, n, d, L.ffn_down_b.data());
-    ops::add(x, h, n * d);
+    ops::add_residual(x, h, n, d, L.ffn_down_b.data());
   }
 }
 
@@ -112,8 +110,7 @@ void hidden_team(const ModelImpl& m, const Batch& b, float* x, Activations& a) {
       ops::layer_norm(x, h, n, d, L.attn_norm_w.data(), L.attn_norm_b.data(), c.norm_eps);
       const MatmulTarget qkv[] = {{L.attn_qkv, a.qkv}};
       matmul_many_part(qkv, h, n, t, n_threads, rows);
-      add_bias_columns(a.qkv, L.attn_qkv_b.data(), n, 3 * d, rows[0]);
-      split_qkv(a, n, d, rows[0]);
+      split_qkv(a, n, d, rows[0], L.attn_qkv_b.data());
 #pragma omp barrier
       store_kv(b, il, a.k, a.v);     // shared by the team, then a barrier
       attention(b, il, a.q, a.att);  // shared by the team, then a barrier

@@ -54,15 +54,24 @@ void rms_norm(const float* x, float* y, int64_t n_rows, int64_t n, const float* 
   }
 }
 
-void add_bias(float* x, int64_t n_rows, int64_t n, const float* b) {
-#pragma omp parallel for if (n_rows >= PARALLEL_ROWS && !omp_in_parallel())
-  for (int64_t r = 0; r < n_rows; ++r)
-    for (int64_t i = 0; i < n; ++i) x[r * n + i] += b[i];
-}
-
 void add(float* x, const float* y, int64_t count) {
 #pragma omp parallel for if (count >= (1 << 16) && !omp_in_parallel())
   for (int64_t i = 0; i < count; ++i) x[i] += y[i];
+}
+
+void add_residual(float* x, const float* y, int64_t n_rows, int64_t n, const float* b) {
+#pragma omp parallel for if (n_rows >= PARALLEL_ROWS && !omp_in_parallel())
+  for (int64_t r = 0; r < n_rows; ++r)
+    for (int64_t i = 0; i < n; ++i) x[r * n + i] += y[r * n + i] + b[i];
+}
+
+void bias_gelu(float* x, int64_t n_rows, int64_t n, const float* b) {
+#pragma omp parallel for if (n_rows >= PARALLEL_ROWS && !omp_in_parallel())
+  for (int64_t r = 0; r < n_rows; ++r) {
+    float* xr = x + r * n;
+    for (int64_t i = 0; i < n; ++i) xr[i] += b[i];
+    gelu_tanh(xr, n);  // while the row is in cache
+  }
 }
 
 void gelu(float* x, int64_t count) {

@@ -12,12 +12,15 @@ namespace backprompt::ops {
 void layer_norm(const float* x, float* y, int64_t n_rows, int64_t n, const float* w, const float* b, float eps);
 // y = x / sqrt(mean(x^2) + eps) * w, per row.
 void rms_norm(const float* x, float* y, int64_t n_rows, int64_t n, const float* w, float eps);
-// x[r][i] += b[i]
-void add_bias(float* x, int64_t n_rows, int64_t n, const float* b);
 // x += y, elementwise over count values.
 void add(float* x, const float* y, int64_t count);
+// x[r][i] += y[r][i] + b[i]: a biased block output added to the residual stream, in one pass
+// (the same values as adding b to y, then y to x).
+void add_residual(float* x, const float* y, int64_t n_rows, int64_t n, const float* b);
 // GELU, tanh approximation (GPT-2), in place.
 void gelu(float* x, int64_t count);
+// x[r][i] = gelu(x[r][i] + b[i]), in one pass (the same values as adding b, then gelu).
+void bias_gelu(float* x, int64_t n_rows, int64_t n, const float* b);
 // gate[i] = silu(gate[i]) * up[i]  (SwiGLU), in place in gate.
 void swiglu(float* gate, const float* up, int64_t count);
 // RoPE's rotations for rows at positions pos[0 .. n_rows-1]: cs[r][i] = {cos, sin} of the angle
