@@ -2,7 +2,8 @@
 //
 //   n <= MATMUL_FUSED_MAX_N (decode, small batches): our fused kernels, parallel over output rows,
 //     each weight row read once from memory and dotted with every activation row (memory-bound);
-//     matmul_many runs several such products (q, k, v) in one parallel region;
+//     matmul_many runs several such products (q, k, v) in one parallel region. Under
+//     DecodePrecision::INT8, q8_0 weights go to the int8 products instead (kernels_int8*.cpp);
 //   larger n (prefill, batches): oneDNN sgemm (compute-bound). Each thread takes a contiguous
 //     range of weight rows and multiplies it with its own single-threaded sgemm calls: f32
 //     weights in place, other types dequantized panel by panel into the thread's scratch. No
