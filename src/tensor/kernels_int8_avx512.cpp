@@ -26,6 +26,41 @@ namespace backprompt::detail {
 
 namespace {
 
+// Blocks b and b + 1 of a weight row: their 64 weights (block b in the low half), 128 x the sum of
+// each lane's four weights (the offset to take away), and each lane's block scale.
+struct BlockPair {
+  __m512i q, bias;
+  __m512 dw;
+};
+
+BP_TARGET_AVX512_VNNI inline BlockPair block_pair(const BlockQ8_0* w, int64_t b) {
+  BlockPair p;
+  p.q = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[b].q))),
+                           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[b + 1].q)), 1);
+  p.bias = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(static_cast<char>(0x80)), p.q);
+  p.dw = _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_set1_epi16(static_cast<short>(w[b].d))),
+                                                 _mm_set1_epi16(static_cast<short>(w[b + 1].d)), 1));
+  return p;
+}
+
+// acc + d_w d_x (the lane's sum of q_w q_x) for pair p at block b of one activation row (its
+// bytes u and block scales d).
+BP_TARGET_AVX512_VNNI inline __m512 pair_dot(const BlockPair& p, const uint8_t* u, const float* d, int64_t b, __m512 acc) {
+  const __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(u + b * Q8_0_BLOCK), p.q);
+  const __m512 dx = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(d[b])), _mm256_set1_ps(d[b + 1]), 1);
+  return _mm512_fmadd_ps(_mm512_mul_ps(p.dw, dx), _mm512_cvtepi32_ps(_mm512_sub_epi32(s, p.bias)), acc);
+}
+
+// The same for block b alone (a row's odd block out), in 8 lanes.
+BP_TARGET_AVX512_VNNI inline __m512 block_dot(const BlockQ8_0* w, int64_t b, const uint8_t* u, const float* d, __m512 acc) {
+  const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[b].q));
+  const __m256i bias = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(static_cast<char>(0x80)), q);
+  const __m256 dw = _mm256_cvtph_ps(_mm_set1_epi16(static_cast<short>(w[b].d)));
+  const __m256i s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + b * Q8_0_BLOCK)), q);
+  const __m256 part = _mm256_mul_ps(_mm256_mul_ps(dw, _mm256_set1_ps(d[b])), _mm256_cvtepi32_ps(_mm256_sub_epi32(s, bias)));
+  return _mm512_add_ps(acc, _mm512_zextps256_ps512(part));
+}
+
 // One weight row (n_blocks q8_0 blocks) times activation rows j0 ... j0 + NX - 1 of x:
 // y[j * ldy] for j < NX.
 template <int NX>
@@ -33,39 +68,22 @@ BP_TARGET_AVX512_VNNI void row_times_q8(const BlockQ8_0* w, const QuantizedRows&
                                         int64_t ldy) {
   const uint8_t* u[NX];
   const float* d[NX];
+  __m512 acc[NX];
 #pragma GCC unroll 4
   for (int j = 0; j < NX; ++j) {
     u[j] = x.u.data() + (j0 + j) * x.n_in;
     d[j] = x.d.data() + (j0 + j) * n_blocks;
+    acc[j] = _mm512_setzero_ps();
   }
-  const __m512i c128 = _mm512_set1_epi8(static_cast<char>(0x80));
-  __m512 acc[NX];
-#pragma GCC unroll 4
-  for (int j = 0; j < NX; ++j) acc[j] = _mm512_setzero_ps();
   int64_t b = 0;
   for (; b + 2 <= n_blocks; b += 2) {
-    const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[b].q))),
-                                         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[b + 1].q)), 1);
-    const __m512i bias = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c128, q);  // 128 x sum q, per lane
-    const __m512 dw = _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_set1_epi16(static_cast<short>(w[b].d))),
-                                                              _mm_set1_epi16(static_cast<short>(w[b + 1].d)), 1));
+    const BlockPair p = block_pair(w, b);
 #pragma GCC unroll 4
-    for (int j = 0; j < NX; ++j) {
-      const __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(u[j] + b * Q8_0_BLOCK), q);
-      const __m512 dx = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(d[j][b])), _mm256_set1_ps(d[j][b + 1]), 1);
-      acc[j] = _mm512_fmadd_ps(_mm512_mul_ps(dw, dx), _mm512_cvtepi32_ps(_mm512_sub_epi32(s, bias)), acc[j]);
-    }
+    for (int j = 0; j < NX; ++j) acc[j] = pair_dot(p, u[j], d[j], b, acc[j]);
   }
-  if (b < n_blocks) {  // an odd block out: the same in 8 lanes
-    const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[b].q));
-    const __m256i bias = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(static_cast<char>(0x80)), q);
-    const __m256 dw = _mm256_cvtph_ps(_mm_set1_epi16(static_cast<short>(w[b].d)));
+  if (b < n_blocks) {
 #pragma GCC unroll 4
-    for (int j = 0; j < NX; ++j) {
-      const __m256i s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(u[j] + b * Q8_0_BLOCK)), q);
-      const __m256 part = _mm256_mul_ps(_mm256_mul_ps(dw, _mm256_set1_ps(d[j][b])), _mm256_cvtepi32_ps(_mm256_sub_epi32(s, bias)));
-      acc[j] = _mm512_add_ps(acc[j], _mm512_zextps256_ps512(part));
-    }
+    for (int j = 0; j < NX; ++j) acc[j] = block_dot(w, b, u[j], d[j], acc[j]);
   }
 #pragma GCC unroll 4
   for (int j = 0; j < NX; ++j) y[j * ldy] = _mm512_reduce_add_ps(acc[j]);
@@ -75,48 +93,33 @@ BP_TARGET_AVX512_VNNI void row_times_q8(const BlockQ8_0* w, const QuantizedRows&
 // a thread's share apart (rows_in_quarters), so that the thread reads four streams, each
 // prefetched ROWS4_PREFETCH_BYTES ahead, as kernels_avx512.cpp's rows4_dot does for f32, f16 and
 // bf16: one stream per thread read 24.5 GB/s from memory on a 2-core AVX-512 VM (1 thread, 500 MB
-// of 768-wide rows), where the kernel itself runs at 43 in cache.
+// of 768-wide rows), where the kernel itself runs at 43 in cache. Each row's sums are those
+// row_times_q8<1> makes.
 BP_TARGET_AVX512_VNNI void rows4_q8(const MatrixView& w, const int64_t* r, const QuantizedRows& x, float* y) {
   const int64_t n_blocks = w.n_in / Q8_0_BLOCK;
   const BlockQ8_0* row[4];
-#pragma GCC unroll 4
-  for (int s = 0; s < 4; ++s) row[s] = reinterpret_cast<const BlockQ8_0*>(w.row(r[s]));
-  const uint8_t* u = x.u.data();
-  const float* d = x.d.data();
-  const __m512i c128 = _mm512_set1_epi8(static_cast<char>(0x80));
   __m512 acc[4];
 #pragma GCC unroll 4
-  for (int s = 0; s < 4; ++s) acc[s] = _mm512_setzero_ps();
+  for (int s = 0; s < 4; ++s) {
+    row[s] = reinterpret_cast<const BlockQ8_0*>(w.row(r[s]));
+    acc[s] = _mm512_setzero_ps();
+  }
+  const uint8_t* u = x.u.data();
+  const float* d = x.d.data();
   int64_t b = 0;
   for (; b + 2 <= n_blocks; b += 2) {
-    const __m512i xu = _mm512_loadu_si512(u + b * Q8_0_BLOCK);
-    const __m512 dx = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(d[b])), _mm256_set1_ps(d[b + 1]), 1);
 #pragma GCC unroll 4
     for (int s = 0; s < 4; ++s) {
       // This step reads 68 bytes of the row: two prefetches cover them.
       const auto* at = reinterpret_cast<const char*>(row[s] + b) + ROWS4_PREFETCH_BYTES;
       _mm_prefetch(at, _MM_HINT_T0);
       _mm_prefetch(at + 64, _MM_HINT_T0);
-      const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row[s][b].q))),
-                                           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row[s][b + 1].q)), 1);
-      const __m512i sum = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), xu, q),
-                                           _mm512_dpbusd_epi32(_mm512_setzero_si512(), c128, q));
-      const __m512 dw = _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_set1_epi16(static_cast<short>(row[s][b].d))),
-                                                                _mm_set1_epi16(static_cast<short>(row[s][b + 1].d)), 1));
-      acc[s] = _mm512_fmadd_ps(_mm512_mul_ps(dw, dx), _mm512_cvtepi32_ps(sum), acc[s]);
+      acc[s] = pair_dot(block_pair(row[s], b), u, d, b, acc[s]);
     }
   }
-  if (b < n_blocks) {  // an odd block out, as row_times_q8 does it
+  if (b < n_blocks) {
 #pragma GCC unroll 4
-    for (int s = 0; s < 4; ++s) {
-      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row[s][b].q));
-      const __m256i sum = _mm256_sub_epi32(
-          _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + b * Q8_0_BLOCK)), q),
-          _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(static_cast<char>(0x80)), q));
-      const __m256 dw = _mm256_cvtph_ps(_mm_set1_epi16(static_cast<short>(row[s][b].d)));
-      const __m256 part = _mm256_mul_ps(_mm256_mul_ps(dw, _mm256_set1_ps(d[b])), _mm256_cvtepi32_ps(sum));
-      acc[s] = _mm512_add_ps(acc[s], _mm512_zextps256_ps512(part));
-    }
+    for (int s = 0; s < 4; ++s) acc[s] = block_dot(row[s], b, u, d, acc[s]);
   }
 #pragma GCC unroll 4
   for (int s = 0; s < 4; ++s) y[r[s]] = _mm512_reduce_add_ps(acc[s]);
