@@ -73,6 +73,36 @@ TEST(KernelsFast, ActivationsMatchPortable) {
   EXPECT_EQ(bp::kernels_isa(), saved);
 }
 
+// Every kernel table's norms and RoPE rotation give the portable ones' bits (the model's results
+// do not depend on the instruction set there), including tails, in place, and a row with a large
+// offset.
+TEST(KernelsFast, RowKernelsMatchPortableBitForBit) {
+  const std::string saved = bp::kernels_isa();
+  for (const char* isa : {"scalar", "avx2", "avx512"}) {
+    if (!bp::kernels_force_isa(isa)) continue;
+    for (int64_t n : {1, 7, 8, 9, 16, 17, 100, 768}) {
+      std::vector<float> x = random_normal(n, 20 + static_cast<uint32_t>(n), 3.0f);
+      for (float& v : x) v += 1000.0f;  // LayerNorm's variance about a far-off mean
+      const std::vector<float> w = random_normal(n, 21), b = random_normal(n, 22);
+      std::vector<float> want(static_cast<size_t>(n)), got(static_cast<size_t>(n)), in_place = x;
+      bp::detail::rms_norm_row_portable(x.data(), want.data(), n, w.data(), 1e-5f);
+      bp::rms_norm_row(x.data(), got.data(), n, w.data(), 1e-5f);
+      EXPECT_EQ(got, want) << isa << " rms n=" << n;
+      bp::rms_norm_row(in_place.data(), in_place.data(), n, w.data(), 1e-5f);
+      EXPECT_EQ(in_place, want) << isa << " rms in place n=" << n;
+      bp::detail::layer_norm_row_portable(x.data(), want.data(), n, w.data(), b.data(), 1e-5f);
+      bp::layer_norm_row(x.data(), got.data(), n, w.data(), b.data(), 1e-5f);
+      EXPECT_EQ(got, want) << isa << " layer n=" << n;
+      const std::vector<float> cs = random_normal(2 * n, 23);
+      std::vector<float> rot_want = random_normal(2 * n, 24), rot_got = rot_want;
+      bp::detail::rotate_pairs_portable(rot_want.data(), cs.data(), n);
+      bp::rotate_pairs(rot_got.data(), cs.data(), n);
+      EXPECT_EQ(rot_got, rot_want) << isa << " rotate n=" << n;
+    }
+  }
+  ASSERT_TRUE(bp::kernels_force_isa(saved));
+}
+
 // Sets MatmulPrecision::BF16 for its lifetime (and restores EXACT), so that a failed assertion
 // cannot leave it set for the tests that follow.
 struct Bf16Precision {

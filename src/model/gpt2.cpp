@@ -23,8 +23,9 @@ constexpr int64_t PARALLEL_MIN_LAYER_MACS = 1 << 18;
 struct Activations {
   Activations(const ModelConfig& c, int64_t n) {
     const int64_t d = c.n_embd, ff = c.n_ff;
-    float** parts[] = {&qkv, &q, &k, &v, &att, &up, &h};
-    const int64_t sizes[] = {n * 3 * d, n * d, n * d, n * d, n * d, n * ff, n * d};
+    float* hb_floats = nullptr;
+    float** parts[] = {&qkv, &q, &k, &v, &att, &up, &h, &hb_floats};
+    const int64_t sizes[] = {n * 3 * d, n * d, n * d, n * d, n * d, n * ff, n * d, (n * std::max(d, ff) + 1) / 2};
     int64_t total = 0;
     for (int64_t size : sizes) total += (size + 15) / 16 * 16;
     float* p = ops::thread_scratch(0, static_cast<size_t>(total));
@@ -32,6 +33,7 @@ struct Activations {
       *parts[i] = p;
       p += (sizes[i] + 15) / 16 * 16;
     }
+    hb = reinterpret_cast<uint16_t*>(hb_floats);
   }
   float* qkv;  // [n][3 * n_embd]
   float* q;    // [n][n_embd], also k and v
@@ -40,7 +42,22 @@ struct Activations {
   float* att;  // [n][n_embd] attention output
   float* up;   // [n][n_ff]
   float* h;    // [n][n_embd] normalized input, then block outputs (step schedule)
+  uint16_t* hb;  // [n][max(n_embd, n_ff)] a product's input as bf16 (step schedule, matmul_takes_bf16)
 };
+
+// x += delta + delta_bias (unless delta is nullptr: the first layer), then w's product (y:
+// [n][w.n_out]) of x's layer-normalized rows ([n][d]): through h (which may be delta), or written
+// as bf16 into hb where the product takes bf16 (the rounding rides along with the norm).
+void add_norm_product(float* x, const float* delta, const float* delta_bias, const ops::Norm& norm, const MatrixView& w,
+                      float* y, int64_t n, int64_t d, float* h, uint16_t* hb) {
+  ops::add_norm(x, delta, delta_bias, norm, hb != nullptr ? nullptr : h, hb, n, d);
+  if (hb != nullptr) {
+    const MatmulTarget target[] = {{w, y}};
+    matmul_many_bf16(target, hb, n);
+  } else {
+    matmul(w, h, n, y);
+  }
+}
 
 // Columns [cols.r0, cols.r1) of the fused qkv output ([n][3d]) plus their bias into q, k and v
 // ([n][d]). Parallel over rows unless called inside a parallel region.
@@ -61,22 +78,30 @@ void hidden_steps(const ModelImpl& m, const Batch& b, float* x, Activations& a) 
   const ModelConfig& c = m.config;
   const int64_t n = b.n_rows, d = c.n_embd, ff = c.n_ff;
   float* h = a.h;
+  uint16_t* hb = matmul_takes_bf16(n) ? a.hb : nullptr;  // products' inputs as bf16
   for (int32_t il = 0; il < c.n_layer; ++il) {
     const LayerWeights& L = m.layers[static_cast<size_t>(il)];
-    ops::layer_norm(x, h, n, d, L.attn_norm_w.data(), L.attn_norm_b.data(), c.norm_eps);
-    matmul(L.attn_qkv, h, n, a.qkv);
+    // h: the previous layer's MLP output, added to x (with its bias) here
+    const float* prev_bias = il == 0 ? nullptr : m.layers[static_cast<size_t>(il - 1)].ffn_down_b.data();
+    add_norm_product(x, il == 0 ? nullptr : h, prev_bias, {L.attn_norm_w.data(), L.attn_norm_b.data(), c.norm_eps},
+                     L.attn_qkv, a.qkv, n, d, h, hb);
     split_qkv(a, n, d, {0, 3 * d}, L.attn_qkv_b.data());
     store_kv(b, il, a.k, a.v);
     attention(b, il, a.q, a.att);
     matmul(L.attn_out, a.att, n, h);
-    ops::add_residual(x, h, n, d, L.attn_out_b.data());
 
-    ops::layer_norm(x, h, n, d, L.ffn_norm_w.data(), L.ffn_norm_b.data(), c.norm_eps);
-    matmul(L.ffn_up, h, n, a.up);
-    ops::bias_gelu(a.up, n, ff, L.ffn_up_b.data());
-    matmul(L.ffn_down, a.up, n, h);
-    ops::add_residual(x, h, n, d, L.ffn_down_b.data());
+    add_norm_product(x, h, L.attn_out_b.data(), {L.ffn_norm_w.data(), L.ffn_norm_b.data(), c.norm_eps}, L.ffn_up, a.up,
+                     n, d, h, hb);
+    if (hb != nullptr) {
+      ops::bias_gelu(a.up, n, ff, L.ffn_up_b.data(), hb);
+      const MatmulTarget down[] = {{L.ffn_down, h}};
+      matmul_many_bf16(down, hb, n);
+    } else {
+      ops::bias_gelu(a.up, n, ff, L.ffn_up_b.data());
+      matmul(L.ffn_down, a.up, n, h);
+    }
   }
+  if (c.n_layer > 0) ops::add_residual(x, h, n, d, m.layers.back().ffn_down_b.data());  // the last layer's MLP output
 }
 
 // y[j][r] += bias[r] for columns r in [cols.r0, cols.r1) of [n][ld] rows.

@@ -9,7 +9,9 @@
 //     barrier about half; measured on a 2-core AVX-512 machine).
 #include <omp.h>
 
+#include <algorithm>
 #include <iterator>
+#include <span>
 
 #include "model/arch.h"
 #include "model/ops.h"
@@ -26,8 +28,9 @@ constexpr int64_t PARALLEL_MIN_LAYER_MACS = 1 << 18;
 struct Activations {
   Activations(const ModelConfig& c, int64_t n) {
     const int64_t d = c.n_embd, kv = c.kv_dim(), ff = c.n_ff, rot_n = c.rope_dim / 2 * 2;
-    float** parts[] = {&q, &k, &v, &att, &gate, &up, &rot, &h};
-    const int64_t sizes[] = {n * d, n * kv, n * kv, n * d, n * ff, n * ff, n * rot_n, n * d};
+    float* hb_floats = nullptr;
+    float** parts[] = {&q, &k, &v, &att, &gate, &up, &rot, &h, &hb_floats};
+    const int64_t sizes[] = {n * d, n * kv, n * kv, n * d, n * ff, n * ff, n * rot_n, n * d, (n * std::max(d, ff) + 1) / 2};
     int64_t total = 0;
     for (int64_t size : sizes) total += (size + 15) / 16 * 16;
     float* p = ops::thread_scratch(0, static_cast<size_t>(total));
@@ -35,6 +38,7 @@ struct Activations {
       *parts[i] = p;
       p += (sizes[i] + 15) / 16 * 16;
     }
+    hb = reinterpret_cast<uint16_t*>(hb_floats);
   }
   float* q;     // [n][n_head][head_dim]
   float* k;     // [n][n_kv_head][head_dim]
@@ -44,17 +48,32 @@ struct Activations {
   float* up;    // [n][n_ff]
   float* rot;   // [n][rope_dim / 2][cos, sin]
   float* h;     // [n][n_embd] normalized input, then block outputs (step schedule)
+  uint16_t* hb;  // [n][max(n_embd, n_ff)] a product's input as bf16 (step schedule, matmul_takes_bf16)
 };
+
+// x += delta (unless nullptr: the first layer), then targets' products of x's RMS-normalized rows
+// ([n][d]): through h (which may be delta), or written as bf16 into hb where the products take bf16
+// (the rounding rides along with the norm).
+void add_norm_products(float* x, const float* delta, const ops::Norm& norm, std::span<const MatmulTarget> targets,
+                       int64_t n, int64_t d, float* h, uint16_t* hb) {
+  ops::add_norm(x, delta, nullptr, norm, hb != nullptr ? nullptr : h, hb, n, d);
+  if (hb != nullptr) {
+    matmul_many_bf16(targets, hb, n);
+  } else {
+    matmul_many(targets, h, n);
+  }
+}
 
 void hidden_steps(const ModelImpl& m, const Batch& b, float* x, Activations& a) {
   const ModelConfig& c = m.config;
   const int64_t n = b.n_rows, d = c.n_embd, ff = c.n_ff, kv = c.kv_dim(), n_pairs = c.rope_dim / 2;
   float* h = a.h;
+  uint16_t* hb = matmul_takes_bf16(n) ? a.hb : nullptr;  // products' inputs as bf16
   for (int32_t il = 0; il < c.n_layer; ++il) {
     const LayerWeights& L = m.layers[static_cast<size_t>(il)];
-    ops::rms_norm(x, h, n, d, L.attn_norm_w.data(), c.norm_eps);
     const MatmulTarget qkv[] = {{L.attn_q, a.q}, {L.attn_k, a.k}, {L.attn_v, a.v}};
-    matmul_many(qkv, h, n);
+    // h: the previous layer's MLP output, added to x here
+    add_norm_products(x, il == 0 ? nullptr : h, {L.attn_norm_w.data(), nullptr, c.norm_eps}, qkv, n, d, h, hb);
 #pragma omp parallel for if (n >= 16)
     for (int64_t r = 0; r < n; ++r) {
       ops::rope(a.q + r * d, c.n_head, c.head_dim, c.rope_dim, a.rot + r * n_pairs * 2);
@@ -63,15 +82,19 @@ void hidden_steps(const ModelImpl& m, const Batch& b, float* x, Activations& a) 
     store_kv(b, il, a.k, a.v);
     attention(b, il, a.q, a.att);
     matmul(L.attn_out, a.att, n, h);
-    ops::add(x, h, n * d);
 
-    ops::rms_norm(x, h, n, d, L.ffn_norm_w.data(), c.norm_eps);
     const MatmulTarget gate_up[] = {{L.ffn_gate, a.gate}, {L.ffn_up, a.up}};
-    matmul_many(gate_up, h, n);
-    ops::swiglu(a.gate, a.up, n * ff);
-    matmul(L.ffn_down, a.gate, n, h);
-    ops::add(x, h, n * d);
+    add_norm_products(x, h, {L.ffn_norm_w.data(), nullptr, c.norm_eps}, gate_up, n, d, h, hb);
+    const MatmulTarget down[] = {{L.ffn_down, h}};
+    if (hb != nullptr) {
+      ops::swiglu(a.gate, a.up, n * ff, hb);
+      matmul_many_bf16(down, hb, n);
+    } else {
+      ops::swiglu(a.gate, a.up, n * ff);
+      matmul(L.ffn_down, a.gate, n, h);
+    }
   }
+  if (c.n_layer > 0) ops::add(x, h, n * d);  // the last layer's MLP output
 }
 
 // x[j][r] += y[j][r] for rows j < n and columns r in [r0, r1) of [n][ld] arrays.

@@ -14,43 +14,49 @@ namespace backprompt::ops {
 namespace {
 constexpr int64_t PARALLEL_ROWS = 4;  // below this, row loops stay on one thread
 
-// sum f(x[i]) over i < n in double, with 8 independent partial sums (one long chain of dependent
-// double additions held a 768-wide RMSNorm to one element every ~4 cycles).
-template <class F>
-double sum_double(const float* x, int64_t n, F f) {
-  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int k = 0; k < 8; ++k) acc[k] += f(static_cast<double>(x[i + k]));
-  }
-  for (; i < n; ++i) acc[0] += f(static_cast<double>(x[i]));
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-}
 // Activations: chunks of this many values over the threads, each through the SIMD kernel.
 constexpr int64_t ACTIVATION_CHUNK = 1 << 14;
+// Rounding to bf16 follows the f32 result in pieces this long, while they are in L1.
+constexpr int64_t ROUND_PIECE = 1024;
+
+// A row of n floats of this thread's own (not thread_scratch: its slots hold a pass's buffers).
+float* row_buffer(int64_t n) {
+  thread_local std::vector<float> row;
+  if (static_cast<int64_t>(row.size()) < n) row.resize(static_cast<size_t>(n));
+  return row.data();
+}
 }  // namespace
 
 void layer_norm(const float* x, float* y, int64_t n_rows, int64_t n, const float* w, const float* b, float eps) {
 #pragma omp parallel for if (n_rows >= PARALLEL_ROWS && !omp_in_parallel())
-  for (int64_t r = 0; r < n_rows; ++r) {
-    const float* xr = x + r * n;
-    float* yr = y + r * n;
-    const double mean = sum_double(xr, n, [](double v) { return v; }) / static_cast<double>(n);
-    const double var = sum_double(xr, n, [mean](double v) { return (v - mean) * (v - mean); }) / static_cast<double>(n);
-    const float inv = static_cast<float>(1.0 / std::sqrt(var + eps));
-    const float m = static_cast<float>(mean);
-    for (int64_t i = 0; i < n; ++i) yr[i] = (xr[i] - m) * inv * w[i] + b[i];
-  }
+  for (int64_t r = 0; r < n_rows; ++r) layer_norm_row(x + r * n, y + r * n, n, w, b, eps);
 }
 
 void rms_norm(const float* x, float* y, int64_t n_rows, int64_t n, const float* w, float eps) {
 #pragma omp parallel for if (n_rows >= PARALLEL_ROWS && !omp_in_parallel())
+  for (int64_t r = 0; r < n_rows; ++r) rms_norm_row(x + r * n, y + r * n, n, w, eps);
+}
+
+void add_norm(float* x, const float* delta, const float* delta_bias, const Norm& norm, float* y, uint16_t* yb,
+              int64_t n_rows, int64_t n) {
+#pragma omp parallel for if (n_rows >= PARALLEL_ROWS && !omp_in_parallel())
   for (int64_t r = 0; r < n_rows; ++r) {
-    const float* xr = x + r * n;
-    float* yr = y + r * n;
-    const double ss = sum_double(xr, n, [](double v) { return v * v; });
-    const float inv = static_cast<float>(1.0 / std::sqrt(ss / static_cast<double>(n) + eps));
-    for (int64_t i = 0; i < n; ++i) yr[i] = xr[i] * inv * w[i];
+    float* xr = x + r * n;
+    if (delta != nullptr) {
+      const float* dr = delta + r * n;
+      if (delta_bias != nullptr) {
+        for (int64_t i = 0; i < n; ++i) xr[i] += dr[i] + delta_bias[i];
+      } else {
+        for (int64_t i = 0; i < n; ++i) xr[i] += dr[i];
+      }
+    }
+    float* out = yb != nullptr ? row_buffer(n) : y + r * n;
+    if (norm.b != nullptr) {
+      layer_norm_row(xr, out, n, norm.w, norm.b, norm.eps);
+    } else {
+      rms_norm_row(xr, out, n, norm.w, norm.eps);
+    }
+    if (yb != nullptr) round_to_bf16(out, yb + r * n, n);
   }
 }
 
@@ -74,6 +80,19 @@ void bias_gelu(float* x, int64_t n_rows, int64_t n, const float* b) {
   }
 }
 
+void bias_gelu(float* x, int64_t n_rows, int64_t n, const float* b, uint16_t* yb) {
+#pragma omp parallel for if (n_rows >= PARALLEL_ROWS && !omp_in_parallel())
+  for (int64_t r = 0; r < n_rows; ++r) {
+    float* xr = x + r * n;
+    for (int64_t i = 0; i < n; ++i) xr[i] += b[i];
+    for (int64_t i = 0; i < n; i += ROUND_PIECE) {
+      const int64_t len = std::min(ROUND_PIECE, n - i);
+      gelu_tanh(xr + i, len);
+      round_to_bf16(xr + i, yb + r * n + i, len);
+    }
+  }
+}
+
 void gelu(float* x, int64_t count) {
   const int64_t n_chunks = (count + ACTIVATION_CHUNK - 1) / ACTIVATION_CHUNK;
 #pragma omp parallel for if (n_chunks > 1 && !omp_in_parallel())
@@ -89,6 +108,19 @@ void swiglu(float* gate, const float* up, int64_t count) {
   for (int64_t c = 0; c < n_chunks; ++c) {
     const int64_t i = c * ACTIVATION_CHUNK;
     silu_mul(gate + i, up + i, std::min(ACTIVATION_CHUNK, count - i));
+  }
+}
+
+void swiglu(float* gate, const float* up, int64_t count, uint16_t* out) {
+  const int64_t n_chunks = (count + ACTIVATION_CHUNK - 1) / ACTIVATION_CHUNK;
+#pragma omp parallel for if (n_chunks > 1 && !omp_in_parallel())
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    const int64_t end = std::min(count, (c + 1) * ACTIVATION_CHUNK);
+    for (int64_t i = c * ACTIVATION_CHUNK; i < end; i += ROUND_PIECE) {
+      const int64_t len = std::min(ROUND_PIECE, end - i);
+      silu_mul(gate + i, up + i, len);
+      round_to_bf16(gate + i, out + i, len);
+    }
   }
 }
 
@@ -116,14 +148,8 @@ void rope_range(float* x, int64_t e0, int64_t e1, int32_t head_dim, int32_t rope
   // heads: e0 and head_dim are even).
   const int64_t rotated = rope_dim / 2 * 2;
   for (int64_t head0 = e0 / head_dim * head_dim; head0 < e1; head0 += head_dim) {
-    float* h = x + head0;
-    const int64_t d1 = std::min(e1 - head0, rotated);
-    for (int64_t d = std::max<int64_t>(e0 - head0, 0); d < d1; d += 2) {
-      const float c = cs[d], s = cs[d + 1];  // pair d / 2: {cos, sin} at cs[d], cs[d + 1]
-      const float a = h[d], b = h[d + 1];
-      h[d] = a * c - b * s;
-      h[d + 1] = a * s + b * c;
-    }
+    const int64_t d0 = std::max<int64_t>(e0 - head0, 0), d1 = std::min(e1 - head0, rotated);
+    if (d1 > d0) rotate_pairs(x + head0 + d0, cs + d0, (d1 - d0 + 1) / 2);  // pair d / 2: {cos, sin} at cs[d], cs[d + 1]
   }
 }
 

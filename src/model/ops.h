@@ -12,6 +12,19 @@ namespace backprompt::ops {
 void layer_norm(const float* x, float* y, int64_t n_rows, int64_t n, const float* w, const float* b, float eps);
 // y = x / sqrt(mean(x^2) + eps) * w, per row.
 void rms_norm(const float* x, float* y, int64_t n_rows, int64_t n, const float* w, float eps);
+// A norm's parameters: RMSNorm when b is nullptr, LayerNorm otherwise.
+struct Norm {
+  const float* w = nullptr;
+  const float* b = nullptr;
+  float eps = 0;
+};
+// A block's residual add and the next norm in one pass, row by row: x[r] += delta[r] (+ delta_bias
+// when given: x += (delta + bias), add_residual's order), unless delta is nullptr; then the norm of
+// the new x[r] into y[r] (f32; y may be delta) or, when yb is given, into yb[r] rounded to bf16
+// for products that take bf16 (matmul_takes_bf16, then matmul_many_bf16). The same values as
+// add / add_residual followed by layer_norm / rms_norm.
+void add_norm(float* x, const float* delta, const float* delta_bias, const Norm& norm, float* y, uint16_t* yb,
+              int64_t n_rows, int64_t n);
 // x += y, elementwise over count values.
 void add(float* x, const float* y, int64_t count);
 // x[r][i] += y[r][i] + b[i]: a biased block output added to the residual stream, in one pass
@@ -21,8 +34,12 @@ void add_residual(float* x, const float* y, int64_t n_rows, int64_t n, const flo
 void gelu(float* x, int64_t count);
 // x[r][i] = gelu(x[r][i] + b[i]), in one pass (the same values as adding b, then gelu).
 void bias_gelu(float* x, int64_t n_rows, int64_t n, const float* b);
+// The same, also writing the results rounded to bf16 into yb[n_rows][n].
+void bias_gelu(float* x, int64_t n_rows, int64_t n, const float* b, uint16_t* yb);
 // gate[i] = silu(gate[i]) * up[i]  (SwiGLU), in place in gate.
 void swiglu(float* gate, const float* up, int64_t count);
+// The same, also writing the results rounded to bf16 into out[count].
+void swiglu(float* gate, const float* up, int64_t count, uint16_t* out);
 // RoPE's rotations for rows at positions pos[0 .. n_rows-1]: cs[r][i] = {cos, sin} of the angle
 // pos[r] * base^(-2i/rope_dim), i < rope_dim / 2. cs: [n_rows][rope_dim / 2][2]. Computed once per
 // forward pass and shared by every layer.

@@ -221,6 +221,16 @@ void silu_mul(float* gate, const float* up, int64_t n) { detail::kernel_isa().si
 
 void gelu_tanh(float* x, int64_t n) { detail::kernel_isa().gelu_tanh(x, n); }
 
+void rms_norm_row(const float* x, float* y, int64_t n, const float* w, float eps) {
+  detail::kernel_isa().rms_norm_row(x, y, n, w, eps);
+}
+
+void layer_norm_row(const float* x, float* y, int64_t n, const float* w, const float* b, float eps) {
+  detail::kernel_isa().layer_norm_row(x, y, n, w, b, eps);
+}
+
+void rotate_pairs(float* x, const float* cs, int64_t n_pairs) { detail::kernel_isa().rotate_pairs(x, cs, n_pairs); }
+
 const char* kernels_isa() { return detail::kernel_isa().name; }
 
 bool kernels_force_isa(std::string_view name) {

@@ -116,6 +116,15 @@ void attention_merge(const AttentionTile& t, const float* const* parts, int n_pa
 void silu_mul(float* gate, const float* up, int64_t n);
 // x[i] = GELU(x[i]), tanh approximation (GPT-2): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
 void gelu_tanh(float* x, int64_t n);
+// Normalisation of one row of n values (x and y may be the same), statistics summed in double:
+//   RMSNorm:   y = x / sqrt(mean(x^2) + eps) * w
+//   LayerNorm: y = (x - mean) / sqrt(var + eps) * w + b
+// Every kernel table gives the same bits.
+void rms_norm_row(const float* x, float* y, int64_t n, const float* w, float eps);
+void layer_norm_row(const float* x, float* y, int64_t n, const float* w, const float* b, float eps);
+// RoPE's rotation of n_pairs adjacent pairs: (x[2i], x[2i+1]) by the angle whose cosine and sine
+// are cs[2i], cs[2i+1]: a c - b s, a s + b c. Every kernel table gives the same bits.
+void rotate_pairs(float* x, const float* cs, int64_t n_pairs);
 
 // Arithmetic matmul() and matmul_many() may use for prefill-sized products (n > MATMUL_FUSED_MAX_N;
 // decode-sized products are always exact), and the model's attention for batches of that size
@@ -137,6 +146,15 @@ void kernels_set_matmul_precision(MatmulPrecision p);
 MatmulPrecision kernels_matmul_precision();
 // Whether this CPU runs oneDNN's bf16 GEMM natively (so that MatmulPrecision::BF16 applies).
 bool kernels_bf16_native();
+// Whether matmul_many() of n activation rows rounds them to bf16 (BF16 applies at that size on
+// this CPU). The step that produces such an input can then write it as bf16 itself
+// (round_to_bf16, while the row is in cache) and call matmul_many_bf16, which saves the pass
+// that rounds it: the same results.
+bool matmul_takes_bf16(int64_t n);
+// matmul_many() from activations already rounded to bf16: xb[n][n_in], where matmul_takes_bf16(n).
+void matmul_many_bf16(std::span<const MatmulTarget> targets, const uint16_t* xb, int64_t n);
+// dst[i] = src[i] rounded to bf16 (nearest even) for i < n, as matmul_many() rounds its input.
+void round_to_bf16(const float* src, uint16_t* dst, int64_t n);
 
 // Arithmetic of decode-sized products (n <= MATMUL_FUSED_MAX_N) with q8_0 weights:
 //   EXACT (default): f32 multiplies and sums on exactly converted weights, as for every type.

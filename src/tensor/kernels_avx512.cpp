@@ -378,11 +378,86 @@ BP_TARGET_AVX512 void gelu_tanh_avx512(float* x, int64_t n) {
   }
 }
 
-const KernelIsa AVX512 = {"avx512", matvec_avx512, dequantize_row_avx512, attention_tile_avx512, silu_mul_avx512,
-                          gelu_tanh_avx512, nullptr, nullptr};
+// The portable norms' sums, 8 doubles a vector: lane k of the vector is their partial sum k, and
+// the tail and the final pairwise additions are theirs. Summed: v (Sum::VALUES), v^2
+// (Sum::SQUARES) or (v - c)^2 (Sum::SQUARES_ABOUT, c = center).
+enum class Sum { VALUES, SQUARES, SQUARES_ABOUT };
+
+// Products that feed an addition use the _round forms: GCC may fuse a plain vector multiply and
+// add into one FMA (one rounding instead of the portable code's two).
+constexpr int NEAREST = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+
+template <Sum S>
+BP_TARGET_AVX512 inline __m512d sum_term(__m512d v, __m512d center) {
+  if constexpr (S == Sum::VALUES) return v;
+  if constexpr (S == Sum::SQUARES_ABOUT) v = _mm512_sub_pd(v, center);
+  return _mm512_mul_round_pd(v, v, NEAREST);
+}
+
+template <Sum S>
+BP_TARGET_AVX512 inline double sum_double_avx512(const float* x, int64_t n, double center) {
+  const __m512d c = _mm512_set1_pd(center);
+  __m512d acc = _mm512_setzero_pd();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm512_add_pd(acc, sum_term<S>(_mm512_cvtps_pd(_mm256_loadu_ps(x + i)), c));
+  alignas(64) double a[8];
+  _mm512_store_pd(a, acc);
+  for (; i < n; ++i) {
+    alignas(64) double t[8];
+    _mm512_store_pd(t, sum_term<S>(_mm512_set1_pd(static_cast<double>(x[i])), c));
+    a[0] += t[0];
+  }
+  return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+
+BP_TARGET_AVX512 void rms_norm_row_avx512(const float* x, float* y, int64_t n, const float* w, float eps) {
+  const double ss = sum_double_avx512<Sum::SQUARES>(x, n, 0.0);
+  const __m512 inv = _mm512_set1_ps(static_cast<float>(1.0 / __builtin_sqrt(ss / static_cast<double>(n) + eps)));
+  for (int64_t i = 0; i < n; i += V) {
+    const __mmask16 m = n - i >= V ? static_cast<__mmask16>(0xFFFF) : tail_mask(n - i);
+    const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), inv), _mm512_maskz_loadu_ps(m, w + i));
+    _mm512_mask_storeu_ps(y + i, m, v);
+  }
+}
+
+BP_TARGET_AVX512 void layer_norm_row_avx512(const float* x, float* y, int64_t n, const float* w, const float* b, float eps) {
+  const double mean = sum_double_avx512<Sum::VALUES>(x, n, 0.0) / static_cast<double>(n);
+  const double var = sum_double_avx512<Sum::SQUARES_ABOUT>(x, n, mean) / static_cast<double>(n);
+  const __m512 inv = _mm512_set1_ps(static_cast<float>(1.0 / __builtin_sqrt(var + eps)));
+  const __m512 mf = _mm512_set1_ps(static_cast<float>(mean));
+  for (int64_t i = 0; i < n; i += V) {
+    const __mmask16 m = n - i >= V ? static_cast<__mmask16>(0xFFFF) : tail_mask(n - i);
+    const __m512 c = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), mf), inv);
+    const __m512 v = _mm512_add_ps(_mm512_mul_round_ps(c, _mm512_maskz_loadu_ps(m, w + i), NEAREST), _mm512_maskz_loadu_ps(m, b + i));
+    _mm512_mask_storeu_ps(y + i, m, v);
+  }
+}
+
+// 8 pairs a vector: x = {a0, b0, a1, b1, ...}, cs = {c0, s0, c1, s1, ...}; the result is
+// x * {c0, c0, ...} + {-b0, a0, -b1, a1, ...} * {s0, s0, ...}, i.e. a c - b s and a s + b c (b s
+// negated after rounding: the portable code's two products and one addition).
+BP_TARGET_AVX512 void rotate_pairs_avx512(float* x, const float* cs, int64_t n_pairs) {
+  const __m512i odd_lanes_negated = _mm512_set_epi32(0, INT32_MIN, 0, INT32_MIN, 0, INT32_MIN, 0, INT32_MIN, 0, INT32_MIN, 0,
+                                                     INT32_MIN, 0, INT32_MIN, 0, INT32_MIN);  // lanes 0, 2, ...: sign bit
+  const int64_t n = 2 * n_pairs;
+  for (int64_t i = 0; i < n; i += V) {
+    const __mmask16 m = n - i >= V ? static_cast<__mmask16>(0xFFFF) : tail_mask(n - i);
+    const __m512 v = _mm512_maskz_loadu_ps(m, x + i), r = _mm512_maskz_loadu_ps(m, cs + i);
+    const __m512 c = _mm512_moveldup_ps(r), s = _mm512_movehdup_ps(r);
+    const __m512 swapped = _mm512_permute_ps(v, 0xB1);  // {b0, a0, b1, a1, ...}
+    const __m512 bs = _mm512_castsi512_ps(
+        _mm512_xor_si512(_mm512_castps_si512(_mm512_mul_round_ps(swapped, s, NEAREST)), odd_lanes_negated));
+    _mm512_mask_storeu_ps(x + i, m, _mm512_add_ps(_mm512_mul_round_ps(v, c, NEAREST), bs));
+  }
+}
+
+const KernelIsa AVX512 = {"avx512",           matvec_avx512,       dequantize_row_avx512, attention_tile_avx512,
+                          silu_mul_avx512,    gelu_tanh_avx512,    rms_norm_row_avx512,   layer_norm_row_avx512,
+                          rotate_pairs_avx512, nullptr,            nullptr};
 // The same with VNNI's int8 products (DecodePrecision::INT8).
-const KernelIsa AVX512_VNNI = {"avx512", matvec_avx512, dequantize_row_avx512, attention_tile_avx512, silu_mul_avx512,
-                               gelu_tanh_avx512, matvec_q8_int8_avx512, quantize_rows_q8_avx512};
+const KernelIsa AVX512_VNNI = {"avx512",           matvec_avx512,         dequantize_row_avx512,  attention_tile_avx512,
+                               silu_mul_avx512,    gelu_tanh_avx512,      rms_norm_row_avx512,    layer_norm_row_avx512,
+                               rotate_pairs_avx512, matvec_q8_int8_avx512, quantize_rows_q8_avx512};
 
 }  // namespace
 

@@ -203,7 +203,11 @@ void run_bf16_matmul(const Bf16Matmul& m, dnnl::stream& stream, const uint16_t* 
 
 MatmulPrecision matmul_precision() { return precision_current().load(std::memory_order_relaxed); }
 
-bool gemm_bf16(std::span<const MatmulTarget> targets, const float* x, int64_t n) {
+namespace {
+
+// gemm_bf16 and gemm_bf16_rounded: x[n][n_in] f32 (rounded here by the team) or xb_in (already
+// rounded; x unused). False, doing nothing, when the bf16 path does not apply.
+bool run_gemm_bf16(std::span<const MatmulTarget> targets, const float* x, const uint16_t* xb_in, int64_t n) {
   if (matmul_precision() != MatmulPrecision::BF16 || !native_bf16() || targets.empty() || n <= 0) return false;
   const int64_t n_in = targets[0].w.n_in;
   int64_t n_macs = 0;
@@ -212,25 +216,31 @@ bool gemm_bf16(std::span<const MatmulTarget> targets, const float* x, int64_t n)
     BP_ASSERT(n_in % dtype_block_size(t.w.type) == 0 && t.w.data != nullptr && t.y != nullptr);
     n_macs += n * n_in * t.w.n_out;
   }
-  BP_ASSERT(x != nullptr);
+  BP_ASSERT(x != nullptr || xb_in != nullptr);
   const std::shared_ptr<const Bf16Matmul> prim = bf16_gemm().primitive(n_in);
   if (!prim) return false;
 
   const std::string what = std::to_string(n) + " x " + std::to_string(n_in) + " activations";
-  thread_local std::vector<uint16_t> xb_scratch;  // [n][n_in] activations as bf16, shared with the team
-  try {
-    xb_scratch.resize(static_cast<size_t>(n * n_in));
-  } catch (const std::bad_alloc&) {
-    throw Error(ErrorCode::OUT_OF_MEMORY, "matmul: out of memory for bf16 copies of " + what);
+  const uint16_t* xb = xb_in;
+  uint16_t* xb_rounded = nullptr;
+  if (xb == nullptr) {
+    thread_local std::vector<uint16_t> xb_scratch;  // [n][n_in] activations as bf16, shared with the team
+    try {
+      xb_scratch.resize(static_cast<size_t>(n * n_in));
+    } catch (const std::bad_alloc&) {
+      throw Error(ErrorCode::OUT_OF_MEMORY, "matmul: out of memory for bf16 copies of " + what);
+    }
+    xb = xb_rounded = xb_scratch.data();
   }
-  uint16_t* xb = xb_scratch.data();
   const KernelIsa& isa = kernel_isa();
   DnnlFailure failure;
 #pragma omp parallel if (n_macs >= PARALLEL_MIN_MACS)
   {
     const int64_t n_threads = omp_get_num_threads(), t = omp_get_thread_num();
-    for (int64_t r = n * t / n_threads; r < n * (t + 1) / n_threads; ++r) round_to_bf16(x + r * n_in, xb + r * n_in, n_in);
+    if (xb_rounded != nullptr) {
+      for (int64_t r = n * t / n_threads; r < n * (t + 1) / n_threads; ++r) round_to_bf16(x + r * n_in, xb_rounded + r * n_in, n_in);
 #pragma omp barrier
+    }
     thread_local std::vector<uint16_t> panel;     // [panel_rows][n_in] weights rounded to bf16
     thread_local std::vector<float> row_f32;      // [n_in] one weight row as f32
     thread_local std::vector<uint8_t> dnnl_scratch;  // oneDNN's scratchpad
@@ -266,6 +276,16 @@ bool gemm_bf16(std::span<const MatmulTarget> targets, const float* x, int64_t n)
   return true;
 }
 
+}  // namespace
+
+bool gemm_bf16(std::span<const MatmulTarget> targets, const float* x, int64_t n) {
+  return run_gemm_bf16(targets, x, nullptr, n);
+}
+
+bool gemm_bf16_rounded(std::span<const MatmulTarget> targets, const uint16_t* xb, int64_t n) {
+  return run_gemm_bf16(targets, nullptr, xb, n);
+}
+
 }  // namespace detail
 
 void kernels_set_matmul_precision(MatmulPrecision p) { detail::precision_current().store(p, std::memory_order_relaxed); }
@@ -273,5 +293,31 @@ void kernels_set_matmul_precision(MatmulPrecision p) { detail::precision_current
 MatmulPrecision kernels_matmul_precision() { return detail::matmul_precision(); }
 
 bool kernels_bf16_native() { return detail::native_bf16(); }
+
+bool matmul_takes_bf16(int64_t n) {
+  return n > MATMUL_FUSED_MAX_N && detail::matmul_precision() == MatmulPrecision::BF16 && detail::native_bf16();
+}
+
+void round_to_bf16(const float* src, uint16_t* dst, int64_t n) {
+  if (detail::native_bf16()) {
+    detail::round_to_bf16(src, dst, n);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
+  }
+}
+
+void matmul_many_bf16(std::span<const MatmulTarget> targets, const uint16_t* xb, int64_t n) {
+  BP_ASSERT(matmul_takes_bf16(n));
+  if (detail::gemm_bf16_rounded(targets, xb, n)) return;
+  // No bf16 GEMM for these targets (an empty matrix, unequal n_in, no oneDNN implementation):
+  // the exact products of the rounded activations, widened back to f32 (exactly).
+  const int64_t n_in = targets.empty() ? 0 : targets[0].w.n_in;
+  std::vector<float> x(static_cast<size_t>(n * n_in));
+  for (size_t i = 0; i < x.size(); ++i) x[i] = bf16_to_f32(xb[i]);
+  for (const MatmulTarget& t : targets) {
+    BP_ASSERT(t.w.n_in == n_in);
+    detail::matmul_gemm(t.w, x.data(), n, t.y);
+  }
+}
 
 }  // namespace backprompt

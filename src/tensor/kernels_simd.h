@@ -47,6 +47,12 @@ struct KernelIsa {
   void (*attention_tile)(const AttentionTile& t);
   void (*silu_mul)(float* gate, const float* up, int64_t n);
   void (*gelu_tanh)(float* x, int64_t n);
+  // rms_norm_row(), layer_norm_row() (kernels.h); every table gives the same bits as the portable
+  // ones (the same double sums in the same order, the same f32 operations).
+  void (*rms_norm_row)(const float* x, float* y, int64_t n, const float* w, float eps);
+  void (*layer_norm_row)(const float* x, float* y, int64_t n, const float* w, const float* b, float eps);
+  // rotate_pairs() (kernels.h); the same bits in every table.
+  void (*rotate_pairs)(float* x, const float* cs, int64_t n_pairs);
 
   // DecodePrecision::INT8: matvec for q8_0 weights and quantized activation rows (x.n of them;
   // y as matvec's), and quantize_rows_q8 on this instruction set. nullptr where this table has
@@ -58,6 +64,9 @@ struct KernelIsa {
 // Portable activation functions (the scalar and AVX2 tables).
 void silu_mul_portable(float* gate, const float* up, int64_t n);
 void gelu_tanh_portable(float* x, int64_t n);
+void rms_norm_row_portable(const float* x, float* y, int64_t n, const float* w, float eps);
+void layer_norm_row_portable(const float* x, float* y, int64_t n, const float* w, const float* b, float eps);
+void rotate_pairs_portable(float* x, const float* cs, int64_t n_pairs);
 
 // The attention tile in portable C++ (the scalar and AVX2 tables), and with AVX-512 (its own
 // file; heads wider than 128 go to the portable one).
@@ -140,6 +149,8 @@ constexpr int64_t PARALLEL_MIN_MACS = 1 << 16;
 // path. For any n >= 1; matmul uses it only above MATMUL_FUSED_MAX_N.
 MatmulPrecision matmul_precision();
 bool gemm_bf16(std::span<const MatmulTarget> targets, const float* x, int64_t n);
+// The same from activations already rounded to bf16 (xb[n][n_in]).
+bool gemm_bf16_rounded(std::span<const MatmulTarget> targets, const uint16_t* xb, int64_t n);
 
 // matmul() uses matmul_fused for n <= MATMUL_FUSED_MAX_N (kernels.h), matmul_gemm above. Measured
 // on a 2-core AVX-512 machine (2048 x 4096 weights, one thread): fused is 1.4-3x faster than
