@@ -182,6 +182,56 @@ TEST(KernelsFast, Bf16PrecisionMatmulMany) {
   }
 }
 
+// Products from activations the caller rounded (matmul_takes_bf16, round_to_bf16,
+// matmul_many_bf16) give matmul_many's bits under BF16, also where no bf16 GEMM applies (unequal
+// n_in: the exact products of the rounded rows). Outside BF16, or at decode sizes, nothing takes
+// bf16.
+TEST(KernelsFast, Bf16PrecisionFromRoundedActivations) {
+  if (!bp::kernels_bf16_native()) GTEST_SKIP() << "no native bf16 GEMM on this CPU";
+  const int64_t n = 48, n_in = 96;
+  EXPECT_FALSE(bp::matmul_takes_bf16(n));
+  const std::vector<float> x = random_normal(n * n_in, 50);
+  std::vector<uint16_t> xb(x.size());
+  std::vector<std::vector<uint8_t>> w;
+  std::vector<std::vector<float>> want(2), got(2);
+  std::vector<bp::MatmulTarget> want_targets, got_targets;
+  const DType types[] = {DType::F16, DType::Q8_0};
+  for (size_t i = 0; i < 2; ++i) {
+    w.push_back(quantized(types[i], random_normal(n_in * 40, 51 + static_cast<uint32_t>(i), 0.1f), n_in));
+    const bp::MatrixView view{types[i], w[i].data(), n_in, 40};
+    want[i].assign(static_cast<size_t>(n * 40), std::nanf(""));
+    got[i].assign(want[i].size(), std::nanf(""));
+    want_targets.push_back({view, want[i].data()});
+    got_targets.push_back({view, got[i].data()});
+  }
+  std::vector<float> exact(static_cast<size_t>(n * 40));
+  bp::matmul(want_targets[0].w, x.data(), n, exact.data());
+  {
+    const Bf16Precision bf16;
+    ASSERT_TRUE(bp::matmul_takes_bf16(n));
+    EXPECT_FALSE(bp::matmul_takes_bf16(bp::MATMUL_FUSED_MAX_N));
+    bp::round_to_bf16(x.data(), xb.data(), n * n_in);
+    bp::matmul_many(want_targets, x.data(), n);
+    bp::matmul_many_bf16(got_targets, xb.data(), n);
+  }
+  EXPECT_NE(want[0], exact) << "the bf16 path did not run";
+  for (size_t i = 0; i < 2; ++i) EXPECT_EQ(got[i], want[i]) << "target " << i;
+
+  // A call the bf16 GEMM declines as a whole (here: one target is an empty matrix) gets one
+  // matmul() per target of the rounded rows widened back to f32 (exactly).
+  std::vector<float> widened(x.size()), want_fallback(static_cast<size_t>(n * 40)), got_fallback(want_fallback.size());
+  for (size_t i = 0; i < widened.size(); ++i) widened[i] = bp::bf16_to_f32(xb[i]);
+  float unused = 0;
+  {
+    const Bf16Precision bf16;
+    bp::matmul(want_targets[0].w, widened.data(), n, want_fallback.data());
+    const bp::MatmulTarget declined[] = {{want_targets[0].w, got_fallback.data()},
+                                         {bp::MatrixView{DType::F32, &unused, n_in, 0}, &unused}};
+    bp::matmul_many_bf16(declined, xb.data(), n);
+  }
+  EXPECT_EQ(got_fallback, want_fallback);
+}
+
 // Rows of non-bf16 weights are rounded to bf16 in panels of about 4 MiB per thread: a matrix
 // wider than one panel, on one thread, crosses a panel boundary.
 TEST(KernelsFast, Bf16PrecisionAcrossWeightPanels) {

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "model/ops.h"
+#include "tensor/kernels.h"
 #include "test_util.h"
 
 namespace bp = backprompt;
@@ -55,6 +56,49 @@ TEST(Ops, LayerNormMatchesDoubleReference) {
       }
     }
   }
+}
+
+// add_norm: the residual add and the norm in one pass give the bits of add / add_residual and then
+// rms_norm / layer_norm, with y in place of delta or a separate buffer, and as bf16 the rounding of
+// those bits.
+TEST(Ops, AddNormEqualsAddThenNorm) {
+  const int64_t rows = 5, n = 40;
+  const std::vector<float> x0 = random_normal(rows * n, 60, 2.0f), delta = random_normal(rows * n, 61),
+                           bias = random_normal(n, 62), w = random_normal(n, 63), b = random_normal(n, 64);
+  for (bool layer : {false, true}) {
+    for (bool with_bias : {false, true}) {
+      const bp::ops::Norm norm{w.data(), layer ? b.data() : nullptr, 1e-5f};
+      std::vector<float> want_x = x0, want_y(x0.size());
+      if (with_bias) {
+        bp::ops::add_residual(want_x.data(), delta.data(), rows, n, bias.data());
+      } else {
+        bp::ops::add(want_x.data(), delta.data(), rows * n);
+      }
+      if (layer) {
+        bp::ops::layer_norm(want_x.data(), want_y.data(), rows, n, w.data(), b.data(), 1e-5f);
+      } else {
+        bp::ops::rms_norm(want_x.data(), want_y.data(), rows, n, w.data(), 1e-5f);
+      }
+      const float* db = with_bias ? bias.data() : nullptr;
+      std::vector<float> x = x0, y_in_delta = delta;  // y in place of delta
+      bp::ops::add_norm(x.data(), y_in_delta.data(), db, norm, y_in_delta.data(), nullptr, rows, n);
+      EXPECT_EQ(x, want_x) << layer << with_bias;
+      EXPECT_EQ(y_in_delta, want_y) << layer << with_bias;
+      x = x0;
+      std::vector<uint16_t> yb(x0.size());
+      bp::ops::add_norm(x.data(), delta.data(), db, norm, nullptr, yb.data(), rows, n);
+      EXPECT_EQ(x, want_x) << layer << with_bias;
+      std::vector<uint16_t> want_b(x0.size());
+      bp::round_to_bf16(want_y.data(), want_b.data(), rows * n);
+      EXPECT_EQ(yb, want_b) << layer << with_bias;
+    }
+  }
+  // No delta: the norm alone.
+  std::vector<float> x = x0, y(x0.size()), want(x0.size());
+  bp::ops::add_norm(x.data(), nullptr, nullptr, {w.data(), nullptr, 1e-5f}, y.data(), nullptr, rows, n);
+  bp::ops::rms_norm(x0.data(), want.data(), rows, n, w.data(), 1e-5f);
+  EXPECT_EQ(x, x0);
+  EXPECT_EQ(y, want);
 }
 
 TEST(Ops, RopeMatchesDefinitionAndPiecesMatchWholeRow) {

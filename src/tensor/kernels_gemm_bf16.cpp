@@ -309,8 +309,8 @@ void round_to_bf16(const float* src, uint16_t* dst, int64_t n) {
 void matmul_many_bf16(std::span<const MatmulTarget> targets, const uint16_t* xb, int64_t n) {
   BP_ASSERT(matmul_takes_bf16(n));
   if (detail::gemm_bf16_rounded(targets, xb, n)) return;
-  // No bf16 GEMM for these targets (an empty matrix, unequal n_in, no oneDNN implementation):
-  // the exact products of the rounded activations, widened back to f32 (exactly).
+  // The bf16 GEMM declined the call as a whole (an empty matrix, no oneDNN implementation): one
+  // matmul per target of the rounded activations, widened back to f32 (exactly).
   const int64_t n_in = targets.empty() ? 0 : targets[0].w.n_in;
   std::vector<float> x(static_cast<size_t>(n * n_in));
   for (size_t i = 0; i < x.size(); ++i) x[i] = bf16_to_f32(xb[i]);
