@@ -64,9 +64,14 @@ TEST(KernelsFast, ActivationsMatchPortable) {
     if (n > 2) x[1] = 90.0f;
     std::vector<float> want_silu = x, got_silu = x, want_gelu = x, got_gelu = x;
     bp::detail::silu_mul_portable(want_silu.data(), up.data(), n);
-    bp::detail::gelu_tanh_portable(want_gelu.data(), n);
+    bp::detail::gelu_tanh_portable(want_gelu.data(), nullptr, n);
     bp::silu_mul(got_silu.data(), up.data(), n);
     bp::gelu_tanh(got_gelu.data(), n);
+    std::vector<float> biased = x, got_biased = x;  // GELU(x + b) in one pass: the bits of adding first
+    for (int64_t i = 0; i < n; ++i) biased[static_cast<size_t>(i)] += up[static_cast<size_t>(i)];
+    bp::gelu_tanh(biased.data(), n);
+    bp::gelu_tanh(got_biased.data(), up.data(), n);
+    EXPECT_EQ(got_biased, biased) << "biased gelu n=" << n;
     for (int64_t i = 0; i < n; ++i) {
       const size_t k = static_cast<size_t>(i);
       EXPECT_NEAR(got_silu[k], want_silu[k], 1e-6 * std::max(1.0f, std::abs(want_silu[k]))) << "silu n=" << n << " i=" << i;

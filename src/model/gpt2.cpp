@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <iterator>
+#include <span>
 #include <vector>
 
 #include "model/arch.h"
@@ -24,8 +25,8 @@ struct Activations {
   Activations(const ModelConfig& c, int64_t n) {
     const int64_t d = c.n_embd, ff = c.n_ff;
     float* hb_floats = nullptr;
-    float** parts[] = {&qkv, &q, &k, &v, &att, &up, &h, &hb_floats};
-    const int64_t sizes[] = {n * 3 * d, n * d, n * d, n * d, n * d, n * ff, n * d, (n * std::max(d, ff) + 1) / 2};
+    float** parts[] = {&q, &k, &v, &att, &up, &h, &hb_floats};
+    const int64_t sizes[] = {n * d, n * d, n * d, n * d, n * ff, n * d, (n * std::max(d, ff) + 1) / 2};
     int64_t total = 0;
     for (int64_t size : sizes) total += (size + 15) / 16 * 16;
     float* p = ops::thread_scratch(0, static_cast<size_t>(total));
@@ -35,7 +36,6 @@ struct Activations {
     }
     hb = reinterpret_cast<uint16_t*>(hb_floats);
   }
-  float* qkv;  // [n][3 * n_embd]
   float* q;    // [n][n_embd], also k and v
   float* k;
   float* v;
@@ -45,31 +45,39 @@ struct Activations {
   uint16_t* hb;  // [n][max(n_embd, n_ff)] a product's input as bf16 (step schedule, matmul_takes_bf16)
 };
 
-// x += delta + delta_bias (unless delta is nullptr: the first layer), then w's product (y:
-// [n][w.n_out]) of x's layer-normalized rows ([n][d]): through h (which may be delta), or written
-// as bf16 into hb where the product takes bf16 (the rounding rides along with the norm).
-void add_norm_product(float* x, const float* delta, const float* delta_bias, const ops::Norm& norm, const MatrixView& w,
-                      float* y, int64_t n, int64_t d, float* h, uint16_t* hb) {
+// x += delta + delta_bias (unless delta is nullptr: the first layer), then targets' products of
+// x's layer-normalized rows ([n][d]): through h (which may be delta), or written as bf16 into hb
+// where the products take bf16 (the rounding rides along with the norm).
+void add_norm_products(float* x, const float* delta, const float* delta_bias, const ops::Norm& norm,
+                       std::span<const MatmulTarget> targets, int64_t n, int64_t d, float* h, uint16_t* hb) {
   ops::add_norm(x, delta, delta_bias, norm, hb != nullptr ? nullptr : h, hb, n, d);
   if (hb != nullptr) {
-    const MatmulTarget target[] = {{w, y}};
-    matmul_many_bf16(target, hb, n);
+    matmul_many_bf16(targets, hb, n);
   } else {
-    matmul(w, h, n, y);
+    matmul_many(targets, h, n);
   }
 }
 
-// Columns [cols.r0, cols.r1) of the fused qkv output ([n][3d]) plus their bias into q, k and v
-// ([n][d]). Parallel over rows unless called inside a parallel region.
-void split_qkv(const Activations& a, int64_t n, int64_t d, const RowRange& cols, const float* bias) {
+// The fused q/k/v weight's three parts (rows [0, d), [d, 2d), [2d, 3d)) as products into a.q,
+// a.k and a.v: no copy of a fused [n][3d] output.
+struct QkvTargets {
+  QkvTargets(const MatrixView& w, const Activations& a, int64_t d) {
+    float* out[3] = {a.q, a.k, a.v};
+    for (int64_t p = 0; p < 3; ++p) t[p] = {MatrixView{w.type, w.row(p * d), w.n_in, d}, out[p]};
+  }
+  MatmulTarget t[3];
+};
+
+// The q/k/v bias (bias[3d]) added to columns [rows[p].r0, rows[p].r1) of part p of a.q, a.k, a.v
+// ([n][d] each). Parallel over rows unless called inside a parallel region.
+void add_qkv_bias(const Activations& a, int64_t n, int64_t d, const RowRange* rows, const float* bias) {
   float* parts[3] = {a.q, a.k, a.v};
 #pragma omp parallel for if (n >= 4 && !omp_in_parallel())
   for (int64_t j = 0; j < n; ++j) {
-    for (int64_t r = cols.r0; r < cols.r1;) {
-      const int64_t part = r / d, end = std::min(cols.r1, (part + 1) * d);
-      float* dst = parts[part] + j * d - part * d;  // dst[r] for r in [r, end)
-      const float* src = a.qkv + j * 3 * d;
-      for (; r < end; ++r) dst[r] = src[r] + bias[r];
+    for (int64_t p = 0; p < 3; ++p) {
+      float* dst = parts[p] + j * d;
+      const float* b = bias + p * d;
+      for (int64_t r = rows[p].r0; r < rows[p].r1; ++r) dst[r] += b[r];
     }
   }
 }
@@ -83,15 +91,17 @@ void hidden_steps(const ModelImpl& m, const Batch& b, float* x, Activations& a) 
     const LayerWeights& L = m.layers[static_cast<size_t>(il)];
     // h: the previous layer's MLP output, added to x (with its bias) here
     const float* prev_bias = il == 0 ? nullptr : m.layers[static_cast<size_t>(il - 1)].ffn_down_b.data();
-    add_norm_product(x, il == 0 ? nullptr : h, prev_bias, {L.attn_norm_w.data(), L.attn_norm_b.data(), c.norm_eps},
-                     L.attn_qkv, a.qkv, n, d, h, hb);
-    split_qkv(a, n, d, {0, 3 * d}, L.attn_qkv_b.data());
+    const QkvTargets qkv(L.attn_qkv, a, d);
+    add_norm_products(x, il == 0 ? nullptr : h, prev_bias, {L.attn_norm_w.data(), L.attn_norm_b.data(), c.norm_eps},
+                      qkv.t, n, d, h, hb);
+    const RowRange all[3] = {{0, d}, {0, d}, {0, d}};
+    add_qkv_bias(a, n, d, all, L.attn_qkv_b.data());
     store_kv(b, il, a.k, a.v);
     attention(b, il, a.q, a.att);
     matmul(L.attn_out, a.att, n, h);
 
-    add_norm_product(x, h, L.attn_out_b.data(), {L.ffn_norm_w.data(), L.ffn_norm_b.data(), c.norm_eps}, L.ffn_up, a.up,
-                     n, d, h, hb);
+    const MatmulTarget up[] = {{L.ffn_up, a.up}};
+    add_norm_products(x, h, L.attn_out_b.data(), {L.ffn_norm_w.data(), L.ffn_norm_b.data(), c.norm_eps}, up, n, d, h, hb);
     if (hb != nullptr) {
       ops::bias_gelu(a.up, n, ff, L.ffn_up_b.data(), hb);
       const MatmulTarget down[] = {{L.ffn_down, h}};
@@ -102,13 +112,6 @@ void hidden_steps(const ModelImpl& m, const Batch& b, float* x, Activations& a) 
     }
   }
   if (c.n_layer > 0) ops::add_residual(x, h, n, d, m.layers.back().ffn_down_b.data());  // the last layer's MLP output
-}
-
-// y[j][r] += bias[r] for columns r in [cols.r0, cols.r1) of [n][ld] rows.
-void add_bias_columns(float* y, const float* bias, int64_t n, int64_t ld, const RowRange& cols) {
-  for (int64_t j = 0; j < n; ++j) {
-    for (int64_t r = cols.r0; r < cols.r1; ++r) y[j * ld + r] += bias[r];
-  }
 }
 
 // x[j][r] += y[j][r] + bias[r] for columns r in [cols.r0, cols.r1) of [n][ld] rows.
@@ -128,14 +131,14 @@ void hidden_team(const ModelImpl& m, const Batch& b, float* x, Activations& a) {
     const int t = omp_get_thread_num(), n_threads = omp_get_num_threads();
     float* h = ops::thread_scratch(1, static_cast<size_t>(2 * n * d));  // [n][d] this thread's normalized input
     float* y = h + n * d;                                               // [n][d] its share of a block output
-    RowRange rows[1];
+    RowRange rows[3];
     for (int32_t il = 0; il < c.n_layer; ++il) {
       const LayerWeights& L = m.layers[static_cast<size_t>(il)];
       // x is complete here (after a barrier): every thread normalizes it for itself.
       ops::layer_norm(x, h, n, d, L.attn_norm_w.data(), L.attn_norm_b.data(), c.norm_eps);
-      const MatmulTarget qkv[] = {{L.attn_qkv, a.qkv}};
-      matmul_many_part(qkv, h, n, t, n_threads, rows);
-      split_qkv(a, n, d, rows[0], L.attn_qkv_b.data());
+      const QkvTargets qkv(L.attn_qkv, a, d);
+      matmul_many_part(qkv.t, h, n, t, n_threads, rows);
+      add_qkv_bias(a, n, d, rows, L.attn_qkv_b.data());
 #pragma omp barrier
       store_kv(b, il, a.k, a.v);     // shared by the team, then a barrier
       attention(b, il, a.q, a.att);  // shared by the team, then a barrier
@@ -147,8 +150,7 @@ void hidden_team(const ModelImpl& m, const Batch& b, float* x, Activations& a) {
       ops::layer_norm(x, h, n, d, L.ffn_norm_w.data(), L.ffn_norm_b.data(), c.norm_eps);
       const MatmulTarget up[] = {{L.ffn_up, a.up}};
       matmul_many_part(up, h, n, t, n_threads, rows);
-      add_bias_columns(a.up, L.ffn_up_b.data(), n, ff, rows[0]);
-      for (int64_t r = 0; r < n; ++r) gelu_tanh(a.up + r * ff + rows[0].r0, rows[0].r1 - rows[0].r0);
+      for (int64_t r = 0; r < n; ++r) gelu_tanh(a.up + r * ff + rows[0].r0, L.ffn_up_b.data() + rows[0].r0, rows[0].r1 - rows[0].r0);
 #pragma omp barrier
       const MatmulTarget down[] = {{L.ffn_down, y}};
       matmul_many_part(down, a.up, n, t, n_threads, rows);

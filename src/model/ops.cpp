@@ -74,9 +74,7 @@ void add_residual(float* x, const float* y, int64_t n_rows, int64_t n, const flo
 void bias_gelu(float* x, int64_t n_rows, int64_t n, const float* b) {
 #pragma omp parallel for if (n_rows >= PARALLEL_ROWS && !omp_in_parallel())
   for (int64_t r = 0; r < n_rows; ++r) {
-    float* xr = x + r * n;
-    for (int64_t i = 0; i < n; ++i) xr[i] += b[i];
-    gelu_tanh(xr, n);  // while the row is in cache
+    gelu_tanh(x + r * n, b, n);
   }
 }
 
@@ -84,10 +82,9 @@ void bias_gelu(float* x, int64_t n_rows, int64_t n, const float* b, uint16_t* yb
 #pragma omp parallel for if (n_rows >= PARALLEL_ROWS && !omp_in_parallel())
   for (int64_t r = 0; r < n_rows; ++r) {
     float* xr = x + r * n;
-    for (int64_t i = 0; i < n; ++i) xr[i] += b[i];
     for (int64_t i = 0; i < n; i += ROUND_PIECE) {
       const int64_t len = std::min(ROUND_PIECE, n - i);
-      gelu_tanh(xr + i, len);
+      gelu_tanh(xr + i, b + i, len);
       round_to_bf16(xr + i, yb + r * n + i, len);
     }
   }

@@ -219,7 +219,9 @@ void matrix_get_row(const MatrixView& w, int64_t r, float* dst) {
 
 void silu_mul(float* gate, const float* up, int64_t n) { detail::kernel_isa().silu_mul(gate, up, n); }
 
-void gelu_tanh(float* x, int64_t n) { detail::kernel_isa().gelu_tanh(x, n); }
+void gelu_tanh(float* x, int64_t n) { detail::kernel_isa().gelu_tanh(x, nullptr, n); }
+
+void gelu_tanh(float* x, const float* b, int64_t n) { detail::kernel_isa().gelu_tanh(x, b, n); }
 
 void rms_norm_row(const float* x, float* y, int64_t n, const float* w, float eps) {
   detail::kernel_isa().rms_norm_row(x, y, n, w, eps);

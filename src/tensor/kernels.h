@@ -116,6 +116,8 @@ void attention_merge(const AttentionTile& t, const float* const* parts, int n_pa
 void silu_mul(float* gate, const float* up, int64_t n);
 // x[i] = GELU(x[i]), tanh approximation (GPT-2): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
 void gelu_tanh(float* x, int64_t n);
+// x[i] = GELU(x[i] + b[i]), the same values as adding b first, in one pass.
+void gelu_tanh(float* x, const float* b, int64_t n);
 // Normalisation of one row of n values (x and y may be the same), statistics summed in double:
 //   RMSNorm:   y = x / sqrt(mean(x^2) + eps) * w
 //   LayerNorm: y = (x - mean) / sqrt(var + eps) * w + b

@@ -368,11 +368,12 @@ BP_TARGET_AVX512 void silu_mul_avx512(float* gate, const float* up, int64_t n) {
 }
 
 // 0.5 x (1 + tanh(y)) = x / (1 + e^(-2y)), y = sqrt(2/pi) (x + 0.044715 x^3).
-BP_TARGET_AVX512 void gelu_tanh_avx512(float* x, int64_t n) {
+BP_TARGET_AVX512 void gelu_tanh_avx512(float* x, const float* b, int64_t n) {
   const __m512 one = _mm512_set1_ps(1.0f), c = _mm512_set1_ps(-2.0f * 0.7978845608028654f), c3 = _mm512_set1_ps(0.044715f);
   for (int64_t i = 0; i < n; i += V) {
     const __mmask16 m = n - i >= V ? static_cast<__mmask16>(0xFFFF) : tail_mask(n - i);
-    const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+    const __m512 v = b != nullptr ? _mm512_add_ps(_mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, b + i))
+                                  : _mm512_maskz_loadu_ps(m, x + i);
     const __m512 y = _mm512_mul_ps(c, _mm512_fmadd_ps(_mm512_mul_ps(c3, v), _mm512_mul_ps(v, v), v));  // -2y
     _mm512_mask_storeu_ps(x + i, m, _mm512_div_ps(v, _mm512_add_ps(one, exp_ps(y))));
   }

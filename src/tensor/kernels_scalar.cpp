@@ -74,10 +74,10 @@ void silu_mul_portable(float* gate, const float* up, int64_t n) {
   for (int64_t i = 0; i < n; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
 }
 
-void gelu_tanh_portable(float* x, int64_t n) {
+void gelu_tanh_portable(float* x, const float* b, int64_t n) {
   constexpr float SQRT_2_OVER_PI = 0.7978845608028654f;
   for (int64_t i = 0; i < n; ++i) {
-    const float v = x[i];
+    const float v = b != nullptr ? x[i] + b[i] : x[i];
     x[i] = 0.5f * v * (1.0f + std::tanh(SQRT_2_OVER_PI * (v + 0.044715f * v * v * v)));
   }
 }

@@ -43,10 +43,10 @@ struct KernelIsa {
   // dst[n] = src row of type t as f32; bit-identical to backprompt::dequantize_row.
   void (*dequantize_row)(DType t, const void* src, float* dst, int64_t n);
 
-  // attention_tile(), silu_mul(), gelu_tanh() (kernels.h) on this instruction set.
+  // attention_tile(), silu_mul(), gelu_tanh() (kernels.h; b nullptr: none) on this instruction set.
   void (*attention_tile)(const AttentionTile& t);
   void (*silu_mul)(float* gate, const float* up, int64_t n);
-  void (*gelu_tanh)(float* x, int64_t n);
+  void (*gelu_tanh)(float* x, const float* b, int64_t n);
   // rms_norm_row(), layer_norm_row() (kernels.h); every table gives the same bits as the portable
   // ones (the same double sums in the same order, the same f32 operations).
   void (*rms_norm_row)(const float* x, float* y, int64_t n, const float* w, float eps);
@@ -63,7 +63,7 @@ struct KernelIsa {
 
 // Portable activation functions (the scalar and AVX2 tables).
 void silu_mul_portable(float* gate, const float* up, int64_t n);
-void gelu_tanh_portable(float* x, int64_t n);
+void gelu_tanh_portable(float* x, const float* b, int64_t n);
 void rms_norm_row_portable(const float* x, float* y, int64_t n, const float* w, float eps);
 void layer_norm_row_portable(const float* x, float* y, int64_t n, const float* w, const float* b, float eps);
 void rotate_pairs_portable(float* x, const float* cs, int64_t n_pairs);
