@@ -106,6 +106,12 @@ TEST(KernelsFast, RowKernelsMatchPortableBitForBit) {
       bp::detail::rotate_pairs_portable(rot_want.data(), cs.data(), n);
       bp::rotate_pairs(rot_got.data(), cs.data(), n);
       EXPECT_EQ(rot_got, rot_want) << isa << " rotate n=" << n;
+      for (const float* bias : {static_cast<const float*>(nullptr), b.data()}) {
+        std::vector<float> sum_want = x, sum_got = x;
+        bp::detail::add_to_portable(sum_want.data(), w.data(), bias, n);
+        bp::add_to(sum_got.data(), w.data(), bias, n);
+        EXPECT_EQ(sum_got, sum_want) << isa << " add_to n=" << n << (bias != nullptr ? " with bias" : "");
+      }
     }
   }
   ASSERT_TRUE(bp::kernels_force_isa(saved));

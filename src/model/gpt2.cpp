@@ -75,9 +75,7 @@ void add_qkv_bias(const Activations& a, int64_t n, int64_t d, const RowRange* ro
 #pragma omp parallel for if (n >= 4 && !omp_in_parallel())
   for (int64_t j = 0; j < n; ++j) {
     for (int64_t p = 0; p < 3; ++p) {
-      float* dst = parts[p] + j * d;
-      const float* b = bias + p * d;
-      for (int64_t r = rows[p].r0; r < rows[p].r1; ++r) dst[r] += b[r];
+      add_to(parts[p] + j * d + rows[p].r0, bias + p * d + rows[p].r0, nullptr, rows[p].r1 - rows[p].r0);
     }
   }
 }
@@ -117,7 +115,7 @@ void hidden_steps(const ModelImpl& m, const Batch& b, float* x, Activations& a) 
 // x[j][r] += y[j][r] + bias[r] for columns r in [cols.r0, cols.r1) of [n][ld] rows.
 void add_residual_columns(float* x, const float* y, const float* bias, int64_t n, int64_t ld, const RowRange& cols) {
   for (int64_t j = 0; j < n; ++j) {
-    for (int64_t r = cols.r0; r < cols.r1; ++r) x[j * ld + r] += y[j * ld + r] + bias[r];
+    add_to(x + j * ld + cols.r0, y + j * ld + cols.r0, bias + cols.r0, cols.r1 - cols.r0);
   }
 }
 

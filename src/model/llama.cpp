@@ -100,7 +100,7 @@ void hidden_steps(const ModelImpl& m, const Batch& b, float* x, Activations& a) 
 // x[j][r] += y[j][r] for rows j < n and columns r in [r0, r1) of [n][ld] arrays.
 void add_columns(float* x, const float* y, int64_t n, int64_t ld, const RowRange& cols) {
   for (int64_t j = 0; j < n; ++j) {
-    for (int64_t r = cols.r0; r < cols.r1; ++r) x[j * ld + r] += y[j * ld + r];
+    add_to(x + j * ld + cols.r0, y + j * ld + cols.r0, nullptr, cols.r1 - cols.r0);
   }
 }
 

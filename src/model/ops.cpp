@@ -42,14 +42,7 @@ void add_norm(float* x, const float* delta, const float* delta_bias, const Norm&
 #pragma omp parallel for if (n_rows >= PARALLEL_ROWS && !omp_in_parallel())
   for (int64_t r = 0; r < n_rows; ++r) {
     float* xr = x + r * n;
-    if (delta != nullptr) {
-      const float* dr = delta + r * n;
-      if (delta_bias != nullptr) {
-        for (int64_t i = 0; i < n; ++i) xr[i] += dr[i] + delta_bias[i];
-      } else {
-        for (int64_t i = 0; i < n; ++i) xr[i] += dr[i];
-      }
-    }
+    if (delta != nullptr) add_to(xr, delta + r * n, delta_bias, n);
     float* out = yb != nullptr ? row_buffer(n) : y + r * n;
     if (norm.b != nullptr) {
       layer_norm_row(xr, out, n, norm.w, norm.b, norm.eps);
@@ -61,14 +54,17 @@ void add_norm(float* x, const float* delta, const float* delta_bias, const Norm&
 }
 
 void add(float* x, const float* y, int64_t count) {
-#pragma omp parallel for if (count >= (1 << 16) && !omp_in_parallel())
-  for (int64_t i = 0; i < count; ++i) x[i] += y[i];
+  const int64_t n_chunks = (count + ACTIVATION_CHUNK - 1) / ACTIVATION_CHUNK;
+#pragma omp parallel for if (n_chunks > 1 && !omp_in_parallel())
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    const int64_t i = c * ACTIVATION_CHUNK;
+    add_to(x + i, y + i, nullptr, std::min(ACTIVATION_CHUNK, count - i));
+  }
 }
 
 void add_residual(float* x, const float* y, int64_t n_rows, int64_t n, const float* b) {
 #pragma omp parallel for if (n_rows >= PARALLEL_ROWS && !omp_in_parallel())
-  for (int64_t r = 0; r < n_rows; ++r)
-    for (int64_t i = 0; i < n; ++i) x[r * n + i] += y[r * n + i] + b[i];
+  for (int64_t r = 0; r < n_rows; ++r) add_to(x + r * n, y + r * n, b, n);
 }
 
 void bias_gelu(float* x, int64_t n_rows, int64_t n, const float* b) {

@@ -233,6 +233,8 @@ void layer_norm_row(const float* x, float* y, int64_t n, const float* w, const f
 
 void rotate_pairs(float* x, const float* cs, int64_t n_pairs) { detail::kernel_isa().rotate_pairs(x, cs, n_pairs); }
 
+void add_to(float* x, const float* a, const float* b, int64_t n) { detail::kernel_isa().add_to(x, a, b, n); }
+
 const char* kernels_isa() { return detail::kernel_isa().name; }
 
 bool kernels_force_isa(std::string_view name) {

@@ -127,6 +127,9 @@ void layer_norm_row(const float* x, float* y, int64_t n, const float* w, const f
 // RoPE's rotation of n_pairs adjacent pairs: (x[2i], x[2i+1]) by the angle whose cosine and sine
 // are cs[2i], cs[2i+1]: a c - b s, a s + b c. Every kernel table gives the same bits.
 void rotate_pairs(float* x, const float* cs, int64_t n_pairs);
+// x[i] += a[i] (b nullptr) or x[i] += a[i] + b[i] (a + b first), for i < n. The same bits in
+// every kernel table.
+void add_to(float* x, const float* a, const float* b, int64_t n);
 
 // Arithmetic matmul() and matmul_many() may use for prefill-sized products (n > MATMUL_FUSED_MAX_N;
 // decode-sized products are always exact), and the model's attention for batches of that size

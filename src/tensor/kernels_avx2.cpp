@@ -305,7 +305,7 @@ BP_TARGET_AVX2 void dequantize_row_avx2(DType t, const void* src, float* dst, in
 
 const KernelIsa AVX2 = {"avx2", matvec_avx2, dequantize_row_avx2, attention_tile_portable,
                         silu_mul_portable, gelu_tanh_portable, rms_norm_row_portable, layer_norm_row_portable,
-                        rotate_pairs_portable, nullptr, nullptr};
+                        rotate_pairs_portable, add_to_portable, nullptr, nullptr};
 
 }  // namespace
 

@@ -452,13 +452,22 @@ BP_TARGET_AVX512 void rotate_pairs_avx512(float* x, const float* cs, int64_t n_p
   }
 }
 
+BP_TARGET_AVX512 void add_to_avx512(float* x, const float* a, const float* b, int64_t n) {
+  for (int64_t i = 0; i < n; i += V) {
+    const __mmask16 m = n - i >= V ? static_cast<__mmask16>(0xFFFF) : tail_mask(n - i);
+    __m512 v = _mm512_maskz_loadu_ps(m, a + i);
+    if (b != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, b + i));
+    _mm512_mask_storeu_ps(x + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, x + i), v));
+  }
+}
+
 const KernelIsa AVX512 = {"avx512",           matvec_avx512,       dequantize_row_avx512, attention_tile_avx512,
                           silu_mul_avx512,    gelu_tanh_avx512,    rms_norm_row_avx512,   layer_norm_row_avx512,
-                          rotate_pairs_avx512, nullptr,            nullptr};
+                          rotate_pairs_avx512, add_to_avx512,      nullptr,               nullptr};
 // The same with VNNI's int8 products (DecodePrecision::INT8).
 const KernelIsa AVX512_VNNI = {"avx512",           matvec_avx512,         dequantize_row_avx512,  attention_tile_avx512,
                                silu_mul_avx512,    gelu_tanh_avx512,      rms_norm_row_avx512,    layer_norm_row_avx512,
-                               rotate_pairs_avx512, matvec_q8_int8_avx512, quantize_rows_q8_avx512};
+                               rotate_pairs_avx512, add_to_avx512,    matvec_q8_int8_avx512,  quantize_rows_q8_avx512};
 
 }  // namespace
 

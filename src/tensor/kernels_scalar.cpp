@@ -39,7 +39,7 @@ void matvec_scalar(const MatrixView& w, const float* x, int64_t n, float* y, int
 const KernelIsa SCALAR = {"scalar",           matvec_scalar,          dequantize_row,
                           attention_tile_portable, silu_mul_portable,  gelu_tanh_portable,
                           rms_norm_row_portable,   layer_norm_row_portable, rotate_pairs_portable,
-                          nullptr,                 nullptr};
+                          add_to_portable,         nullptr,                 nullptr};
 
 // sum f(x[i]) over i < n in double: eight partial sums, lane k taking x[i + k] (the SIMD tables
 // keep them in one vector of 8 doubles), added pairwise at the end.
@@ -88,6 +88,14 @@ void rotate_pairs_portable(float* x, const float* cs, int64_t n_pairs) {
     const float a = x[2 * i], b = x[2 * i + 1];
     x[2 * i] = a * c - b * s;
     x[2 * i + 1] = a * s + b * c;
+  }
+}
+
+void add_to_portable(float* x, const float* a, const float* b, int64_t n) {
+  if (b != nullptr) {
+    for (int64_t i = 0; i < n; ++i) x[i] += a[i] + b[i];
+  } else {
+    for (int64_t i = 0; i < n; ++i) x[i] += a[i];
   }
 }
 

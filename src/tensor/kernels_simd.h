@@ -51,8 +51,9 @@ struct KernelIsa {
   // ones (the same double sums in the same order, the same f32 operations).
   void (*rms_norm_row)(const float* x, float* y, int64_t n, const float* w, float eps);
   void (*layer_norm_row)(const float* x, float* y, int64_t n, const float* w, const float* b, float eps);
-  // rotate_pairs() (kernels.h); the same bits in every table.
+  // rotate_pairs() and add_to() (kernels.h); the same bits in every table.
   void (*rotate_pairs)(float* x, const float* cs, int64_t n_pairs);
+  void (*add_to)(float* x, const float* a, const float* b, int64_t n);
 
   // DecodePrecision::INT8: matvec for q8_0 weights and quantized activation rows (x.n of them;
   // y as matvec's), and quantize_rows_q8 on this instruction set. nullptr where this table has
@@ -67,6 +68,7 @@ void gelu_tanh_portable(float* x, const float* b, int64_t n);
 void rms_norm_row_portable(const float* x, float* y, int64_t n, const float* w, float eps);
 void layer_norm_row_portable(const float* x, float* y, int64_t n, const float* w, const float* b, float eps);
 void rotate_pairs_portable(float* x, const float* cs, int64_t n_pairs);
+void add_to_portable(float* x, const float* a, const float* b, int64_t n);
 
 // The attention tile in portable C++ (the scalar and AVX2 tables), and with AVX-512 (its own
 // file; heads wider than 128 go to the portable one).
