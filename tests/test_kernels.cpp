@@ -519,6 +519,30 @@ TEST(Kernels, MatmulMatchesDoubleReference) { check_all_paths(false); }
 
 TEST(Kernels, MatmulExactOnSmallIntegers) { check_all_paths(true); }
 
+// One activation row times a q8_0 matrix whose thread shares exceed Q8_STREAMS_MIN_BYTES (four
+// streams on AVX-512; row counts that leave rows over after the quarters), on 1, 2 and 3 threads.
+TEST(Kernels, Q8_0DecodeOfLargeShares) {
+  IsaRestore restore;
+  const int saved = omp_get_max_threads();
+  const int64_t n_in = 1024, n_out = 2 * bp::detail::Q8_STREAMS_MIN_BYTES / 1088 + 7;  // 1088 bytes a row
+  for (bool integers : {true, false}) {
+    const TestMatrix m = make_matrix(DType::Q8_0, n_in, n_out, 21, integers);
+    const std::vector<float> x = make_x(1, n_in, 22, integers);
+    const Reference ref = reference_product(m, x, 1);
+    for (const std::string& isa : available_isas()) {
+      ASSERT_TRUE(bp::kernels_force_isa(isa));
+      for (int threads : {1, 2, 3}) {
+        omp_set_num_threads(threads);
+        std::vector<float> y(n_out + 1, std::nanf(""));
+        y.back() = 12345.0f;
+        bp::matmul(m.view, x.data(), 1, y.data());
+        check_product(ref, n_in, y, integers, isa + " threads=" + std::to_string(threads));
+      }
+    }
+  }
+  omp_set_num_threads(saved);
+}
+
 TEST(Kernels, MatmulAnyThreadCount) {
   IsaRestore restore;
   const int saved = omp_get_max_threads();

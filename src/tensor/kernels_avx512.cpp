@@ -236,7 +236,8 @@ BP_TARGET_AVX512 float row_dot(const uint8_t* row, const float* x, int64_t n_in)
 // threads: 73-83 GB/s (one thread 42) where one stream read 59-70 (27) and 8-row tiles 62-69
 // (30). Decode, alternating runs against one stream / tiles: llama-110m f32 84-93 -> 96-99
 // tok/s, tinyllama f16 15.0-16.5 -> 17.6-19.1, tinyllama f32 even (7.9-9.4 vs 8.1-8.5). For
-// q8_0 it was slower (llama-110m 285-321 -> 252-281), so q8_0 keeps one stream.
+// q8_0 it was slower (llama-110m 285-321 -> 252-281), so q8_0 keeps one stream unless a
+// thread's share is Q8_STREAMS_MIN_BYTES or more (then four, each prefetched ahead of each block).
 //
 // Each stream also prefetches ROWS4_PREFETCH_BYTES ahead of its reads (past a row's end that is
 // the start of the stream's next row): a thread's share of one of llama-110m's matrices is
@@ -245,7 +246,7 @@ BP_TARGET_AVX512 float row_dot(const uint8_t* row, const float* x, int64_t n_in)
 // -> 189-200, bf16 193-200 -> 197-206, tinyllama f16 19-24 -> 20-29, tinyllama f32 (8 KiB rows)
 // 14.2-14.4 -> 16.4 (two pairs; a third, in a slow minute, 9.8 -> 13.0); 512 bytes ahead did worse
 // than 1024, 2048 and 4096 no better. q8_0 rows (row_dot) gained nothing from it (203-213 with,
-// 212-259 without).
+// 212-259 without); the shares of large q8_0 matrices do (Q8_STREAMS_MIN_BYTES).
 template <class L>
 BP_TARGET_AVX512 void rows4_dot(const MatrixView& w, const int64_t* r, const float* x, float* y) {
   const uint8_t* row[4] = {w.row(r[0]), w.row(r[1]), w.row(r[2]), w.row(r[3])};
@@ -258,6 +259,7 @@ BP_TARGET_AVX512 void rows4_dot(const MatrixView& w, const int64_t* r, const flo
       const __m512 x0 = _mm512_loadu_ps(x + b * Q8_0_BLOCK), x1 = _mm512_loadu_ps(x + b * Q8_0_BLOCK + V);
 #pragma GCC unroll 4
       for (int s = 0; s < 4; ++s) {
+        prefetch(row[s] + b * int64_t{sizeof(BlockQ8_0)}, ROWS4_PREFETCH_BYTES);
         const __m512 sum = _mm512_fmadd_ps(L::values(row[s], b, 1), x1, _mm512_mul_ps(L::values(row[s], b, 0), x0));
         a[s][b & 1] = _mm512_fmadd_ps(L::scale(row[s], b), sum, a[s][b & 1]);
       }
@@ -288,7 +290,7 @@ BP_TARGET_AVX512 void rows4_dot(const MatrixView& w, const int64_t* r, const flo
 template <class L>
 BP_TARGET_AVX512 void matvec_typed(const MatrixView& w, const float* x, int64_t n, float* y,
                                    int64_t r0, int64_t r1) {
-  if (n == 1 && !L::Q8) {
+  if (n == 1 && (!L::Q8 || (r1 - r0) * static_cast<int64_t>(w.row_bytes()) >= Q8_STREAMS_MIN_BYTES)) {
     rows_in_quarters(
         r0, r1, [&](const int64_t* r) { rows4_dot<L>(w, r, x, y); },
         [&](int64_t r) { y[r] = row_dot<L>(w.row(r), x, w.n_in); });
