@@ -6,7 +6,6 @@
 
 #include <algorithm>
 #include <iterator>
-#include <span>
 #include <vector>
 
 #include "model/arch.h"
@@ -45,19 +44,6 @@ struct Activations {
   uint16_t* hb;  // [n][max(n_embd, n_ff)] a product's input as bf16 (step schedule, matmul_takes_bf16)
 };
 
-// x += delta + delta_bias (unless delta is nullptr: the first layer), then targets' products of
-// x's layer-normalized rows ([n][d]): through h (which may be delta), or written as bf16 into hb
-// where the products take bf16 (the rounding rides along with the norm).
-void add_norm_products(float* x, const float* delta, const float* delta_bias, const ops::Norm& norm,
-                       std::span<const MatmulTarget> targets, int64_t n, int64_t d, float* h, uint16_t* hb) {
-  ops::add_norm(x, delta, delta_bias, norm, hb != nullptr ? nullptr : h, hb, n, d);
-  if (hb != nullptr) {
-    matmul_many_bf16(targets, hb, n);
-  } else {
-    matmul_many(targets, h, n);
-  }
-}
-
 // The fused q/k/v weight's three parts (rows [0, d), [d, 2d), [2d, 3d)) as products into a.q,
 // a.k and a.v: no copy of a fused [n][3d] output.
 struct QkvTargets {
@@ -90,8 +76,8 @@ void hidden_steps(const ModelImpl& m, const Batch& b, float* x, Activations& a) 
     // h: the previous layer's MLP output, added to x (with its bias) here
     const float* prev_bias = il == 0 ? nullptr : m.layers[static_cast<size_t>(il - 1)].ffn_down_b.data();
     const QkvTargets qkv(L.attn_qkv, a, d);
-    add_norm_products(x, il == 0 ? nullptr : h, prev_bias, {L.attn_norm_w.data(), L.attn_norm_b.data(), c.norm_eps},
-                      qkv.t, n, d, h, hb);
+    ops::add_norm_products(x, il == 0 ? nullptr : h, prev_bias, {L.attn_norm_w.data(), L.attn_norm_b.data(), c.norm_eps},
+                           qkv.t, h, hb, n, d);
     const RowRange all[3] = {{0, d}, {0, d}, {0, d}};
     add_qkv_bias(a, n, d, all, L.attn_qkv_b.data());
     store_kv(b, il, a.k, a.v);
@@ -99,7 +85,7 @@ void hidden_steps(const ModelImpl& m, const Batch& b, float* x, Activations& a) 
     matmul(L.attn_out, a.att, n, h);
 
     const MatmulTarget up[] = {{L.ffn_up, a.up}};
-    add_norm_products(x, h, L.attn_out_b.data(), {L.ffn_norm_w.data(), L.ffn_norm_b.data(), c.norm_eps}, up, n, d, h, hb);
+    ops::add_norm_products(x, h, L.attn_out_b.data(), {L.ffn_norm_w.data(), L.ffn_norm_b.data(), c.norm_eps}, up, h, hb, n, d);
     if (hb != nullptr) {
       ops::bias_gelu(a.up, n, ff, L.ffn_up_b.data(), hb);
       const MatmulTarget down[] = {{L.ffn_down, h}};

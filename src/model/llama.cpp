@@ -11,7 +11,6 @@
 
 #include <algorithm>
 #include <iterator>
-#include <span>
 
 #include "model/arch.h"
 #include "model/ops.h"
@@ -51,19 +50,6 @@ struct Activations {
   uint16_t* hb;  // [n][max(n_embd, n_ff)] a product's input as bf16 (step schedule, matmul_takes_bf16)
 };
 
-// x += delta (unless nullptr: the first layer), then targets' products of x's RMS-normalized rows
-// ([n][d]): through h (which may be delta), or written as bf16 into hb where the products take bf16
-// (the rounding rides along with the norm).
-void add_norm_products(float* x, const float* delta, const ops::Norm& norm, std::span<const MatmulTarget> targets,
-                       int64_t n, int64_t d, float* h, uint16_t* hb) {
-  ops::add_norm(x, delta, nullptr, norm, hb != nullptr ? nullptr : h, hb, n, d);
-  if (hb != nullptr) {
-    matmul_many_bf16(targets, hb, n);
-  } else {
-    matmul_many(targets, h, n);
-  }
-}
-
 void hidden_steps(const ModelImpl& m, const Batch& b, float* x, Activations& a) {
   const ModelConfig& c = m.config;
   const int64_t n = b.n_rows, d = c.n_embd, ff = c.n_ff, kv = c.kv_dim(), n_pairs = c.rope_dim / 2;
@@ -73,7 +59,7 @@ void hidden_steps(const ModelImpl& m, const Batch& b, float* x, Activations& a) 
     const LayerWeights& L = m.layers[static_cast<size_t>(il)];
     const MatmulTarget qkv[] = {{L.attn_q, a.q}, {L.attn_k, a.k}, {L.attn_v, a.v}};
     // h: the previous layer's MLP output, added to x here
-    add_norm_products(x, il == 0 ? nullptr : h, {L.attn_norm_w.data(), nullptr, c.norm_eps}, qkv, n, d, h, hb);
+    ops::add_norm_products(x, il == 0 ? nullptr : h, nullptr, {L.attn_norm_w.data(), nullptr, c.norm_eps}, qkv, h, hb, n, d);
 #pragma omp parallel for if (n >= 16)
     for (int64_t r = 0; r < n; ++r) {
       ops::rope(a.q + r * d, c.n_head, c.head_dim, c.rope_dim, a.rot + r * n_pairs * 2);
@@ -84,7 +70,7 @@ void hidden_steps(const ModelImpl& m, const Batch& b, float* x, Activations& a) 
     matmul(L.attn_out, a.att, n, h);
 
     const MatmulTarget gate_up[] = {{L.ffn_gate, a.gate}, {L.ffn_up, a.up}};
-    add_norm_products(x, h, {L.ffn_norm_w.data(), nullptr, c.norm_eps}, gate_up, n, d, h, hb);
+    ops::add_norm_products(x, h, nullptr, {L.ffn_norm_w.data(), nullptr, c.norm_eps}, gate_up, h, hb, n, d);
     const MatmulTarget down[] = {{L.ffn_down, h}};
     if (hb != nullptr) {
       ops::swiglu(a.gate, a.up, n * ff, hb);

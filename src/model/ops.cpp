@@ -53,6 +53,16 @@ void add_norm(float* x, const float* delta, const float* delta_bias, const Norm&
   }
 }
 
+void add_norm_products(float* x, const float* delta, const float* delta_bias, const Norm& norm,
+                       std::span<const MatmulTarget> targets, float* y, uint16_t* yb, int64_t n_rows, int64_t n) {
+  add_norm(x, delta, delta_bias, norm, yb != nullptr ? nullptr : y, yb, n_rows, n);
+  if (yb != nullptr) {
+    matmul_many_bf16(targets, yb, n_rows);
+  } else {
+    matmul_many(targets, y, n_rows);
+  }
+}
+
 void add(float* x, const float* y, int64_t count) {
   const int64_t n_chunks = (count + ACTIVATION_CHUNK - 1) / ACTIVATION_CHUNK;
 #pragma omp parallel for if (n_chunks > 1 && !omp_in_parallel())
@@ -83,15 +93,6 @@ void bias_gelu(float* x, int64_t n_rows, int64_t n, const float* b, uint16_t* yb
       gelu_tanh(xr + i, b + i, len);
       round_to_bf16(xr + i, yb + r * n + i, len);
     }
-  }
-}
-
-void gelu(float* x, int64_t count) {
-  const int64_t n_chunks = (count + ACTIVATION_CHUNK - 1) / ACTIVATION_CHUNK;
-#pragma omp parallel for if (n_chunks > 1 && !omp_in_parallel())
-  for (int64_t c = 0; c < n_chunks; ++c) {
-    const int64_t i = c * ACTIVATION_CHUNK;
-    gelu_tanh(x + i, std::min(ACTIVATION_CHUNK, count - i));
   }
 }
 

@@ -5,6 +5,9 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <span>
+
+#include "tensor/kernels.h"
 
 namespace backprompt::ops {
 
@@ -25,13 +28,15 @@ struct Norm {
 // add / add_residual followed by layer_norm / rms_norm.
 void add_norm(float* x, const float* delta, const float* delta_bias, const Norm& norm, float* y, uint16_t* yb,
               int64_t n_rows, int64_t n);
+// add_norm, then the targets' products of the normalized rows: through y (f32, matmul_many), or
+// through yb when given (bf16, matmul_many_bf16: the rounding rode along with the norm).
+void add_norm_products(float* x, const float* delta, const float* delta_bias, const Norm& norm,
+                       std::span<const MatmulTarget> targets, float* y, uint16_t* yb, int64_t n_rows, int64_t n);
 // x += y, elementwise over count values.
 void add(float* x, const float* y, int64_t count);
 // x[r][i] += y[r][i] + b[i]: a biased block output added to the residual stream, in one pass
 // (the same values as adding b to y, then y to x).
 void add_residual(float* x, const float* y, int64_t n_rows, int64_t n, const float* b);
-// GELU, tanh approximation (GPT-2), in place.
-void gelu(float* x, int64_t count);
 // x[r][i] = gelu(x[r][i] + b[i]), in one pass (the same values as adding b, then gelu).
 void bias_gelu(float* x, int64_t n_rows, int64_t n, const float* b);
 // The same, also writing the results rounded to bf16 into yb[n_rows][n].
