@@ -4,7 +4,7 @@
 set -euo pipefail
 packages=(
   cmake ninja-build g++ pkg-config
-  libdnnl-dev libhwy-dev libpcre2-dev libxxhash-dev libzstd-dev
+  libdnnl-dev ocl-icd-opencl-dev libhwy-dev libpcre2-dev libxxhash-dev libzstd-dev
   nlohmann-json3-dev libcli11-dev libhiredis-dev redis-server
   libgtest-dev libgmock-dev libbenchmark-dev
   python3 python3-numpy
