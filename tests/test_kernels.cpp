@@ -520,12 +520,14 @@ TEST(Kernels, MatmulMatchesDoubleReference) { check_all_paths(false); }
 TEST(Kernels, MatmulExactOnSmallIntegers) { check_all_paths(true); }
 
 // One activation row times a q8_0 matrix whose thread shares exceed Q8_STREAMS_MIN_BYTES (four
-// streams on AVX-512; row counts that leave rows over after the quarters), on 1, 2 and 3 threads.
+// streams on AVX-512, blocks in pairs; row counts that leave rows over after the quarters; an
+// even and an odd number of blocks per row), on 1, 2 and 3 threads.
 TEST(Kernels, Q8_0DecodeOfLargeShares) {
   IsaRestore restore;
   const int saved = omp_get_max_threads();
-  const int64_t n_in = 1024, n_out = 2 * bp::detail::Q8_STREAMS_MIN_BYTES / 1088 + 7;  // 1088 bytes a row
+  for (const int64_t n_in : {1024, 1056})
   for (bool integers : {true, false}) {
+    const int64_t n_out = 2 * bp::detail::Q8_STREAMS_MIN_BYTES / (n_in / 32 * 34) + 7;
     const TestMatrix m = make_matrix(DType::Q8_0, n_in, n_out, 21, integers);
     const std::vector<float> x = make_x(1, n_in, 22, integers);
     const Reference ref = reference_product(m, x, 1);
@@ -536,7 +538,7 @@ TEST(Kernels, Q8_0DecodeOfLargeShares) {
         std::vector<float> y(n_out + 1, std::nanf(""));
         y.back() = 12345.0f;
         bp::matmul(m.view, x.data(), 1, y.data());
-        check_product(ref, n_in, y, integers, isa + " threads=" + std::to_string(threads));
+        check_product(ref, n_in, y, integers, isa + " threads=" + std::to_string(threads) + " n_in=" + std::to_string(n_in));
       }
     }
   }
