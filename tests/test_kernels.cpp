@@ -519,15 +519,15 @@ TEST(Kernels, MatmulMatchesDoubleReference) { check_all_paths(false); }
 
 TEST(Kernels, MatmulExactOnSmallIntegers) { check_all_paths(true); }
 
-// One activation row times a q8_0 matrix whose thread shares exceed Q8_STREAMS_MIN_BYTES (four
-// streams on AVX-512, blocks in pairs; row counts that leave rows over after the quarters; an
-// even and an odd number of blocks per row), on 1, 2 and 3 threads.
-TEST(Kernels, Q8_0DecodeOfLargeShares) {
+// One activation row times a q8_0 matrix of 2 MiB and more (four streams on AVX-512, blocks in
+// pairs, prefetched ahead; row counts that leave rows over after the quarters; an even and an odd
+// number of blocks per row), on 1, 2 and 3 threads.
+TEST(Kernels, Q8_0DecodeOfLargeMatrices) {
   IsaRestore restore;
   const int saved = omp_get_max_threads();
   for (const int64_t n_in : {1024, 1056})
   for (bool integers : {true, false}) {
-    const int64_t n_out = 2 * bp::detail::Q8_STREAMS_MIN_BYTES / (n_in / 32 * 34) + 7;
+    const int64_t n_out = (int64_t{4} << 20) / (n_in / 32 * 34) + 7;
     const TestMatrix m = make_matrix(DType::Q8_0, n_in, n_out, 21, integers);
     const std::vector<float> x = make_x(1, n_in, 22, integers);
     const Reference ref = reference_product(m, x, 1);

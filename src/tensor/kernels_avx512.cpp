@@ -7,9 +7,8 @@
 //
 // Decode matvec, one activation row: f32, f16 and bf16 weights are read as four long sequential
 // streams per thread (the thread's rows cut into quarters, one row of each summed side by side,
-// each row front to back); q8_0 rows as four such streams, two blocks per step, when the share is
-// large (q8_rows4_dot), else under 8 KiB one at a time (one stream). Otherwise (longer
-// q8_0 rows, several activation rows) a tile of RW weight rows times NX activation rows keeps
+// each row front to back); q8_0 rows too, two blocks per step (q8_rows4_dot). Otherwise (several
+// activation rows) a tile of RW weight rows times NX activation rows keeps
 // RW * NX vector accumulators in registers; each weight vector is loaded (and converted to f32)
 // once per tile and used NX times. Weight values are converted exactly (f16, bf16 -> f32 are exact; a Q8_0
 // value d * q is exact in f32), so the only rounding is in the f32 sums.
@@ -201,7 +200,7 @@ BP_TARGET_AVX512 inline __m512 q8_block_dot(const uint8_t* row, int64_t b, const
 // and 39; decode of llama-110m f16 and bf16 (rows of 1.5 and 4 KiB) went from 210-236 to
 // 270-288 tok/s, gpt2-124m f32 from 102-109 to 121. With rows of 8 KiB (tinyllama-1.1b f32)
 // the tiles did as well or better (decode 5.7-9.5 vs 6.4-7.2 tok/s in alternating runs). Used
-// for q8_0 rows under ROW_DOT_MAX_BYTES and the rows rows4_dot's quarters leave over.
+// for the rows the four-stream order leaves over (rows4_dot, q8_rows4_dot).
 template <class L>
 BP_TARGET_AVX512 float row_dot(const uint8_t* row, const float* x, int64_t n_in) {
   __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
@@ -238,10 +237,8 @@ BP_TARGET_AVX512 float row_dot(const uint8_t* row, const float* x, int64_t n_in)
 // runs on across rows. Measured on a 2-core AVX-512 VM, 1 GiB of f32 rows from memory, two
 // threads: 73-83 GB/s (one thread 42) where one stream read 59-70 (27) and 8-row tiles 62-69
 // (30). Decode, alternating runs against one stream / tiles: llama-110m f32 84-93 -> 96-99
-// tok/s, tinyllama f16 15.0-16.5 -> 17.6-19.1, tinyllama f32 even (7.9-9.4 vs 8.1-8.5). For
-// q8_0 it was slower (llama-110m 285-321 -> 252-281), so q8_0 keeps one stream unless a
-// thread's share is Q8_STREAMS_MIN_BYTES or more (then four, each prefetched ahead of each pair
-// of blocks: q8_rows4_dot).
+// tok/s, tinyllama f16 15.0-16.5 -> 17.6-19.1, tinyllama f32 even (7.9-9.4 vs 8.1-8.5). q8_0
+// rows take q8_rows4_dot.
 //
 // Each stream also prefetches ROWS4_PREFETCH_BYTES ahead of its reads (past a row's end that is
 // the start of the stream's next row): a thread's share of one of llama-110m's matrices is
@@ -249,8 +246,7 @@ BP_TARGET_AVX512 float row_dot(const uint8_t* row, const float* x, int64_t n_in)
 // Alternating decode runs, 3 pairs each, tok/s: llama-110m f32 113-124 -> 127-139, f16 182-193
 // -> 189-200, bf16 193-200 -> 197-206, tinyllama f16 19-24 -> 20-29, tinyllama f32 (8 KiB rows)
 // 14.2-14.4 -> 16.4 (two pairs; a third, in a slow minute, 9.8 -> 13.0); 512 bytes ahead did worse
-// than 1024, 2048 and 4096 no better. q8_0 rows (row_dot) gained nothing from it (203-213 with,
-// 212-259 without); the shares of large q8_0 matrices do (Q8_STREAMS_MIN_BYTES).
+// than 1024, 2048 and 4096 no better.
 template <class L>
 BP_TARGET_AVX512 void rows4_dot(const MatrixView& w, const int64_t* r, const float* x, float* y) {
   const uint8_t* row[4] = {w.row(r[0]), w.row(r[1]), w.row(r[2]), w.row(r[3])};
@@ -291,8 +287,10 @@ BP_TARGET_AVX512 void rows4_dot(const MatrixView& w, const int64_t* r, const flo
 // subnormal). Measured on a 2-core AVX-512 (Zen 5) VM, one thread, one stream: 40 GB/s against 30
 // for row_dot's sign-extending shuffles (vpmovsxbd, 16 values at a time) with the rows in cache,
 // 23 against 20.5 from memory; tinyllama-1.1b q8_0 decode (four streams) 43.5-44.5 -> 45.5-49
-// tok/s in alternating runs. Rows read one at a time (llama-110m's small shares) did not gain
-// (decode 1-13% slower in 5 alternating pairs), so they keep row_dot.
+// tok/s in alternating runs. Four streams had lost to one for small thread shares while the
+// conversion was slower (llama-110m 285-321 -> 252-281 tok/s); with pairs of blocks they win:
+// llama-110m decode after a 512-token prompt 236-286 -> 263-301 tok/s (4 alternating pairs),
+// without a prompt even (351-356 vs 351-363).
 constexpr float Q8_PAIR_UNSCALE = 1.0f / 16777216.0f;  // 2^-24
 
 // xp[64 p + 16 j + l] = x[32 (2p + l / 8) + 4 (l % 8) + j] for each pair p of blocks: vector j of
@@ -362,8 +360,8 @@ float* x_pairs_scratch(int64_t n) {
   return kept.data();
 }
 
-// One activation row times rows [r0, r1) of a q8_0 matrix, a share of Q8_STREAMS_MIN_BYTES or
-// more: four streams of pairs of blocks (the rows the quarters leave over one at a time).
+// One activation row times rows [r0, r1) of a q8_0 matrix: four streams of pairs of blocks (the
+// rows the quarters leave over one at a time).
 BP_TARGET_AVX512 void q8_matvec_streams(const MatrixView& w, const float* x, float* y, int64_t r0, int64_t r1) {
   float* xp = x_pairs_scratch(w.n_in);
   x_pairs_q8(x, w.n_in / Q8_0_BLOCK / 2, xp);
@@ -375,19 +373,14 @@ BP_TARGET_AVX512 void q8_matvec_streams(const MatrixView& w, const float* x, flo
 template <class L>
 BP_TARGET_AVX512 void matvec_typed(const MatrixView& w, const float* x, int64_t n, float* y,
                                    int64_t r0, int64_t r1) {
-  if constexpr (L::Q8) {
-    if (n == 1 && (r1 - r0) * static_cast<int64_t>(w.row_bytes()) >= Q8_STREAMS_MIN_BYTES) {
+  if (n == 1) {
+    if constexpr (L::Q8) {
       q8_matvec_streams(w, x, y, r0, r1);
-      return;
+    } else {
+      rows_in_quarters(
+          r0, r1, [&](const int64_t* r) { rows4_dot<L>(w, r, x, y); },
+          [&](int64_t r) { y[r] = row_dot<L>(w.row(r), x, w.n_in); });
     }
-  } else if (n == 1) {
-    rows_in_quarters(
-        r0, r1, [&](const int64_t* r) { rows4_dot<L>(w, r, x, y); },
-        [&](int64_t r) { y[r] = row_dot<L>(w.row(r), x, w.n_in); });
-    return;
-  }
-  if (n == 1 && w.row_bytes() < ROW_DOT_MAX_BYTES) {
-    for (int64_t r = r0; r < r1; ++r) y[r] = row_dot<L>(w.row(r), x, w.n_in);
     return;
   }
   // Rows in groups of 8 (read from memory once), each group times the activations in groups

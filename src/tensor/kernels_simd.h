@@ -123,16 +123,9 @@ class DnnlFailure {
 };
 
 // Decode with one activation row (each ISA's matvec; kernels_avx512.cpp has the measurements):
-// f32, f16 and bf16 rows are read as four streams per thread (rows_in_quarters); q8_0 rows
-// shorter than ROW_DOT_MAX_BYTES one at a time, longer ones in tiles, except on AVX-512 when the
-// thread's share is large (Q8_STREAMS_MIN_BYTES below: four streams).
+// rows are read as four streams per thread (rows_in_quarters), except q8_0 rows on other ISAs than
+// AVX-512: those shorter than ROW_DOT_MAX_BYTES one at a time, longer ones in tiles.
 constexpr size_t ROW_DOT_MAX_BYTES = 8 << 10;
-// AVX-512: q8_0 rows are read as four prefetched streams too when a thread's share of the matrix
-// is at least this big. Measured on a 2-core AVX-512 VM, exact decode, alternating runs:
-// tinyllama-1.1b q8_0 (shares of 0.3-6 MB) 44-46 -> 48-49 tok/s and 28.6-35.3 -> 34.4-38.8 with
-// four streams; llama-110m q8_0 (shares of at most 0.9 MB) 323-333 -> 296-309 with them, so small
-// shares keep one stream.
-constexpr int64_t Q8_STREAMS_MIN_BYTES = int64_t{2} << 20;
 // How far ahead of its reads each of the four streams prefetches (rows4_dot, AVX-512 and AVX2).
 constexpr int64_t ROWS4_PREFETCH_BYTES = 1024;
 
