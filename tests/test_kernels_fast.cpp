@@ -267,6 +267,50 @@ TEST(KernelsFast, Bf16PrecisionAcrossWeightPanels) {
   expect_within_bf16_rounding(view, x, n, fast, exact, "q8_0 one thread");
 }
 
+// Weights declared fixed (a model's) are packed on first use under BF16 (f32 and f16; bf16 and
+// q8_0 stay in place) and give the products of the unpacked path: within bf16 rounding of the
+// exact ones and equal to the per-call rounding's, before and after the copy is made, on 1 and 2
+// threads (each thread packs its own rows). Released, the copies are gone.
+TEST(KernelsFast, Bf16PackedWeights) {
+  if (!bp::kernels_bf16_native()) GTEST_SKIP() << "no native bf16 GEMM on this CPU";
+  const int64_t n = 40, n_in = 192, n_out = 130;
+  const size_t held_before = bp::matmul_packed_bytes();
+  const int saved_threads = omp_get_max_threads();
+  for (DType t : {DType::F32, DType::F16, DType::BF16, DType::Q8_0}) {
+    const std::vector<uint8_t> w = quantized(t, random_normal(n_in * n_out, 60, 0.1f), n_in);
+    const std::vector<float> x = random_normal(n * n_in, 61);
+    const bp::MatrixView view{t, w.data(), n_in, n_out};
+    std::vector<float> exact(static_cast<size_t>(n * n_out)), unpacked(exact.size(), std::nanf(""));
+    bp::matmul(view, x.data(), n, exact.data());
+    for (int threads : {1, 2}) {
+      omp_set_num_threads(threads);
+      const std::string what = std::string(bp::dtype_name(t)) + " threads=" + std::to_string(threads);
+      {
+        const Bf16Precision bf16;
+        bp::matmul(view, x.data(), n, unpacked.data());  // not declared fixed: rounded per call
+        bp::matmul_weights_fixed(w);
+        for (int call = 0; call < 2; ++call) {  // the first call packs, the second reads the copy
+          std::vector<float> packed(exact.size(), std::nanf(""));
+          bp::matmul(view, x.data(), n, packed.data());
+          EXPECT_NE(packed, exact) << what << ": the bf16 path did not run";
+          expect_within_bf16_rounding(view, x, n, packed, exact, what);
+          for (size_t i = 0; i < packed.size(); ++i) {
+            ASSERT_NEAR(packed[i], unpacked[i], 1e-5 * (1 + std::abs(unpacked[i]))) << what << " call " << call << " at " << i;
+          }
+        }
+      }
+      const bool packs = t == DType::F32 || t == DType::F16;
+      EXPECT_EQ(bp::matmul_packed_bytes() > held_before, packs) << what;
+      if (packs) {
+        EXPECT_GE(bp::matmul_packed_bytes() - held_before, static_cast<size_t>(n_in * n_out * 2)) << what;
+      }
+      bp::matmul_weights_released(w);
+      EXPECT_EQ(bp::matmul_packed_bytes(), held_before) << what << ": released copies still held";
+    }
+  }
+  omp_set_num_threads(saved_threads);
+}
+
 // Decode-sized products (n <= MATMUL_FUSED_MAX_N) stay exact under BF16, for every weight type.
 TEST(KernelsFast, Bf16PrecisionKeepsDecodeExact) {
   const int64_t n_in = 128, n_out = 80;

@@ -147,6 +147,9 @@ int run_bench(const BenchOptions& opt) {
   struct rusage ru {};
   getrusage(RUSAGE_SELF, &ru);
   std::printf("peak RSS: %.1f MiB\n", static_cast<double>(ru.ru_maxrss) / 1024.0);  // ru_maxrss is in KiB
+  if (const size_t packed = matmul_packed_bytes(); packed > 0) {
+    std::printf("bf16 packed weights: %.1f MiB (in the peak RSS)\n", static_cast<double>(packed) / (1 << 20));
+  }
   return 0;
 }
 

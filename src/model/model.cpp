@@ -188,6 +188,12 @@ uint64_t compute_fingerprint(const gguf::File& f, const ModelConfig& c) {
 
 }  // namespace
 
+namespace detail {
+ModelImpl::~ModelImpl() {
+  if (file != nullptr) matmul_weights_released(file->bytes());
+}
+}  // namespace detail
+
 Model::Model(std::unique_ptr<ModelImpl> impl) : impl_(std::move(impl)) {}
 Model::~Model() = default;
 
@@ -272,6 +278,7 @@ std::shared_ptr<Model> Model::load(const std::string& path, const LoadOptions& o
   auto m = std::make_unique<ModelImpl>();
   m->path = path;
   m->file = open_weights(path, options.weights);
+  matmul_weights_fixed(m->file->bytes());  // read only from here on: bf16 products may pack it
   m->tokenizer = load_tokenizer(*m->file);
   m->config = read_config(*m->file, m->tokenizer->n_vocab());
   bind_weights(*m->file, *m);

@@ -33,6 +33,12 @@ struct LayerWeights {
 };
 
 struct ModelImpl {
+  ModelImpl() = default;
+  ModelImpl(const ModelImpl&) = delete;
+  ModelImpl& operator=(const ModelImpl&) = delete;
+  // Releases the packed copies of its weights (matmul_weights_released) before the file goes.
+  ~ModelImpl();
+
   std::string path;
   std::unique_ptr<gguf::File> file;
   ModelConfig config;

@@ -158,6 +158,15 @@ bool kernels_bf16_native();
 bool matmul_takes_bf16(int64_t n);
 // matmul_many() from activations already rounded to bf16: xb[n][n_in], where matmul_takes_bf16(n).
 void matmul_many_bf16(std::span<const MatmulTarget> targets, const uint16_t* xb, int64_t n);
+// Weights whose bytes stay as they are until matmul_weights_released(the same span): under
+// MatmulPrecision::BF16, a product that reads such f32 or f16 weights keeps them packed (rounded
+// to bf16, in oneDNN's own layout, each thread's rows on first use) and reads the packed copy from
+// then on instead of rounding them per call. That copy costs 2 bytes per weight, kept until
+// released (matmul_packed_bytes: how much is held; without memory for it, the products round per
+// call as before). A model declares its weights at load and releases them when destroyed.
+void matmul_weights_fixed(std::span<const uint8_t> bytes);
+void matmul_weights_released(std::span<const uint8_t> bytes);
+size_t matmul_packed_bytes();
 // dst[i] = src[i] rounded to bf16 (nearest even) for i < n, as matmul_many() rounds its input.
 void round_to_bf16(const float* src, uint16_t* dst, int64_t n);
 
