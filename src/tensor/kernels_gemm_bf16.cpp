@@ -201,8 +201,8 @@ struct PackedRows {
 struct PackedCache {
   std::mutex mu;
   std::vector<std::pair<const uint8_t*, const uint8_t*>> fixed;  // [begin, end) ranges declared fixed
-  // By the rows' first byte, row count and type.
-  std::map<std::tuple<const uint8_t*, int64_t, DType>, std::shared_ptr<const PackedRows>> rows;
+  // By the rows' first byte, row count, row length and type.
+  std::map<std::tuple<const uint8_t*, int64_t, int64_t, DType>, std::shared_ptr<const PackedRows>> rows;
   size_t bytes = 0;
 
   bool is_fixed(const uint8_t* p) {
@@ -222,7 +222,7 @@ PackedCache& packed_cache() {
 // nullptr if oneDNN offers no such product. Called by each thread for its own rows.
 std::shared_ptr<const PackedRows> packed_rows(const KernelIsa& isa, const MatrixView& w, int64_t r0, int64_t n_rows) {
   PackedCache& cache = packed_cache();
-  const auto key = std::make_tuple(w.row(r0), n_rows, w.type);
+  const auto key = std::make_tuple(w.row(r0), n_rows, w.n_in, w.type);
   {
     std::lock_guard<std::mutex> lock(cache.mu);
     auto it = cache.rows.find(key);
