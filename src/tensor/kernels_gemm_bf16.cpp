@@ -245,9 +245,9 @@ std::shared_ptr<const PackedRows> packed_rows(const KernelIsa& isa, const Matrix
     std::vector<uint16_t> rounded(static_cast<size_t>(n_rows * n_in));
     std::vector<float> tmp(static_cast<size_t>(n_in));
     for (int64_t r = 0; r < n_rows; ++r) weight_row_to_bf16(isa, w, r0 + r, rounded.data() + r * n_in, tmp.data());
-    const memory from(memory::desc({n_in, n_rows}, memory::data_type::bf16, memory::format_tag::ba), engine, rounded.data());
+    memory from(memory::desc({n_in, n_rows}, memory::data_type::bf16, memory::format_tag::ba), engine, rounded.data());
     dnnl::stream stream(engine);
-    dnnl::reorder(from, p->weights).execute(stream, const_cast<memory&>(from), p->weights);
+    dnnl::reorder(from, p->weights).execute(stream, from, p->weights);
     stream.wait();
   } catch (const dnnl::error&) {
     p = nullptr;  // no such product here, or no memory for it: rounded per call as before
