@@ -525,20 +525,21 @@ TEST(Kernels, MatmulExactOnSmallIntegers) { check_all_paths(true); }
 TEST(Kernels, Q8_0DecodeOfLargeMatrices) {
   IsaRestore restore;
   const int saved = omp_get_max_threads();
-  for (const int64_t n_in : {1024, 1056})
-  for (bool integers : {true, false}) {
-    const int64_t n_out = (int64_t{4} << 20) / (n_in / 32 * 34) + 7;
-    const TestMatrix m = make_matrix(DType::Q8_0, n_in, n_out, 21, integers);
-    const std::vector<float> x = make_x(1, n_in, 22, integers);
-    const Reference ref = reference_product(m, x, 1);
-    for (const std::string& isa : available_isas()) {
-      ASSERT_TRUE(bp::kernels_force_isa(isa));
-      for (int threads : {1, 2, 3}) {
-        omp_set_num_threads(threads);
-        std::vector<float> y(n_out + 1, std::nanf(""));
-        y.back() = 12345.0f;
-        bp::matmul(m.view, x.data(), 1, y.data());
-        check_product(ref, n_in, y, integers, isa + " threads=" + std::to_string(threads) + " n_in=" + std::to_string(n_in));
+  for (const int64_t n_in : {1024, 1056}) {
+    for (bool integers : {true, false}) {
+      const int64_t n_out = (int64_t{4} << 20) / (n_in / 32 * 34) + 7;
+      const TestMatrix m = make_matrix(DType::Q8_0, n_in, n_out, 21, integers);
+      const std::vector<float> x = make_x(1, n_in, 22, integers);
+      const Reference ref = reference_product(m, x, 1);
+      for (const std::string& isa : available_isas()) {
+        ASSERT_TRUE(bp::kernels_force_isa(isa));
+        for (int threads : {1, 2, 3}) {
+          omp_set_num_threads(threads);
+          std::vector<float> y(n_out + 1, std::nanf(""));
+          y.back() = 12345.0f;
+          bp::matmul(m.view, x.data(), 1, y.data());
+          check_product(ref, n_in, y, integers, isa + " threads=" + std::to_string(threads) + " n_in=" + std::to_string(n_in));
+        }
       }
     }
   }

@@ -255,24 +255,22 @@ BP_TARGET_AVX512 void rows4_dot(const MatrixView& w, const int64_t* r, const flo
 #pragma GCC unroll 4
   for (int s = 0; s < 4; ++s) a[s][0] = a[s][1] = _mm512_setzero_ps();
   static_assert(!L::Q8, "q8_0 rows: q8_rows4_dot");
-  {
-    int64_t k = 0;
-    for (; k + 2 * V <= n_in; k += 2 * V) {
-      const __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + V);
+  int64_t k = 0;
+  for (; k + 2 * V <= n_in; k += 2 * V) {
+    const __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + V);
 #pragma GCC unroll 4
-      for (int s = 0; s < 4; ++s) {
-        // This step reads 2 * V * BYTES bytes of the row: one cache line (f16, bf16) or two (f32).
-        for (int64_t line = 0; line < 2 * V * L::BYTES; line += 64) prefetch(row[s] + k * L::BYTES + line, ROWS4_PREFETCH_BYTES);
-        a[s][0] = _mm512_fmadd_ps(L::full(row[s], k), x0, a[s][0]);
-        a[s][1] = _mm512_fmadd_ps(L::full(row[s], k + V), x1, a[s][1]);
-      }
+    for (int s = 0; s < 4; ++s) {
+      // This step reads 2 * V * BYTES bytes of the row: one cache line (f16, bf16) or two (f32).
+      for (int64_t line = 0; line < 2 * V * L::BYTES; line += 64) prefetch(row[s] + k * L::BYTES + line, ROWS4_PREFETCH_BYTES);
+      a[s][0] = _mm512_fmadd_ps(L::full(row[s], k), x0, a[s][0]);
+      a[s][1] = _mm512_fmadd_ps(L::full(row[s], k + V), x1, a[s][1]);
     }
-    for (; k < n_in; k += V) {
-      const __mmask16 m = n_in - k >= V ? static_cast<__mmask16>(0xFFFF) : tail_mask(n_in - k);
-      const __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
+  }
+  for (; k < n_in; k += V) {
+    const __mmask16 m = n_in - k >= V ? static_cast<__mmask16>(0xFFFF) : tail_mask(n_in - k);
+    const __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
 #pragma GCC unroll 4
-      for (int s = 0; s < 4; ++s) a[s][0] = _mm512_fmadd_ps(L::part(row[s], k, m), xv, a[s][0]);
-    }
+    for (int s = 0; s < 4; ++s) a[s][0] = _mm512_fmadd_ps(L::part(row[s], k, m), xv, a[s][0]);
   }
 #pragma GCC unroll 4
   for (int s = 0; s < 4; ++s) y[r[s]] = _mm512_reduce_add_ps(_mm512_add_ps(a[s][0], a[s][1]));

@@ -260,42 +260,32 @@ std::shared_ptr<const PackedRows> packed_rows(const KernelIsa& isa, const Matrix
   return it->second;
 }
 
-// y[m][rows] (rows ld_y apart) = xb[m][n_in] · wb[rows][n_in]ᵀ, on the calling thread when called
-// inside a parallel region. scratch: m.scratch_bytes bytes.
-void run_bf16_matmul(const Bf16Matmul& m, dnnl::stream& stream, const uint16_t* xb, int64_t n, int64_t n_in,
-                     const void* wb, int64_t n_rows, float* y, int64_t ld_y, uint8_t* scratch) {
+// y[m][rows] (rows ld_y apart) = xb[m][n_in] · wᵀ, weights w [n_in][rows] in prim's layout, on the
+// calling thread when called inside a parallel region. scratch: grown to scratch_bytes.
+void run_matmul(const dnnl::matmul& prim, size_t scratch_bytes, dnnl::stream& stream, const uint16_t* xb, int64_t n,
+                int64_t n_in, const dnnl::memory& wei, int64_t n_rows, float* y, int64_t ld_y, std::vector<uint8_t>& scratch) {
   using dnnl::memory;
   const dnnl::engine& engine = bf16_gemm().engine;
   const memory src(memory::desc({n, n_in}, memory::data_type::bf16, memory::format_tag::ab), engine,
                    const_cast<uint16_t*>(xb));  // read only
-  const memory wei(memory::desc({n_in, n_rows}, memory::data_type::bf16, memory::format_tag::ba), engine,
-                   const_cast<void*>(wb));  // read only
   const memory dst(memory::desc({n, n_rows}, memory::data_type::f32, memory::dims{ld_y, 1}), engine, y);
   std::unordered_map<int, dnnl::memory> args{{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst}};
-  if (m.scratch_bytes > 0) {
+  if (scratch_bytes > 0) {
+    if (scratch.size() < scratch_bytes) scratch.resize(scratch_bytes);
     args[DNNL_ARG_SCRATCHPAD] = memory(
-        memory::desc({static_cast<memory::dim>(m.scratch_bytes)}, memory::data_type::u8, memory::format_tag::a), engine, scratch);
+        memory::desc({static_cast<memory::dim>(scratch_bytes)}, memory::data_type::u8, memory::format_tag::a), engine, scratch.data());
   }
-  m.prim.execute(stream, args);
+  prim.execute(stream, args);
   stream.wait();
 }
 
-// The same with packed weights.
-void run_packed_matmul(const PackedRows& pr, dnnl::stream& stream, const uint16_t* xb, int64_t n, int64_t n_in,
-                       int64_t n_rows, float* y, int64_t ld_y, std::vector<uint8_t>& scratch) {
+// run_matmul with weights wb[rows][n_in] (bf16, rows of n_in contiguous) in place.
+void run_bf16_matmul(const Bf16Matmul& m, dnnl::stream& stream, const uint16_t* xb, int64_t n, int64_t n_in,
+                     const void* wb, int64_t n_rows, float* y, int64_t ld_y, std::vector<uint8_t>& scratch) {
   using dnnl::memory;
-  const dnnl::engine& engine = bf16_gemm().engine;
-  const memory src(memory::desc({n, n_in}, memory::data_type::bf16, memory::format_tag::ab), engine,
-                   const_cast<uint16_t*>(xb));  // read only
-  const memory dst(memory::desc({n, n_rows}, memory::data_type::f32, memory::dims{ld_y, 1}), engine, y);
-  std::unordered_map<int, dnnl::memory> args{{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, pr.weights}, {DNNL_ARG_DST, dst}};
-  if (pr.scratch_bytes > 0) {
-    if (scratch.size() < pr.scratch_bytes) scratch.resize(pr.scratch_bytes);
-    args[DNNL_ARG_SCRATCHPAD] = memory(
-        memory::desc({static_cast<memory::dim>(pr.scratch_bytes)}, memory::data_type::u8, memory::format_tag::a), engine, scratch.data());
-  }
-  pr.prim.execute(stream, args);
-  stream.wait();
+  const memory wei(memory::desc({n_in, n_rows}, memory::data_type::bf16, memory::format_tag::ba), bf16_gemm().engine,
+                   const_cast<void*>(wb));  // read only
+  run_matmul(m.prim, m.scratch_bytes, stream, xb, n, n_in, wei, n_rows, y, ld_y, scratch);
 }
 
 }  // namespace
@@ -348,9 +338,8 @@ bool run_gemm_bf16(std::span<const MatmulTarget> targets, const float* x, const 
     }
     thread_local std::vector<uint16_t> panel;     // [panel_rows][n_in] weights rounded to bf16
     thread_local std::vector<float> row_f32;      // [n_in] one weight row as f32
-    thread_local std::vector<uint8_t> dnnl_scratch;  // oneDNN's scratchpad
+    thread_local std::vector<uint8_t> dnnl_scratch;  // oneDNN's scratchpad (run_matmul grows it)
     try {
-      dnnl_scratch.resize(prim->scratch_bytes);
       dnnl::stream stream(bf16_gemm().engine);
       for (size_t i = 0; i < targets.size() && !failure.failed(); ++i) {
         const MatrixView& w = targets[i].w;
@@ -359,13 +348,14 @@ bool run_gemm_bf16(std::span<const MatmulTarget> targets, const float* x, const 
         if (r_begin == r_end) continue;
         if (pack) {
           if (const std::shared_ptr<const PackedRows> pr = packed_rows(isa, w, r_begin, r_end - r_begin)) {
-            run_packed_matmul(*pr, stream, xb, n, n_in, r_end - r_begin, targets[i].y + r_begin, w.n_out, dnnl_scratch);
+            run_matmul(pr->prim, pr->scratch_bytes, stream, xb, n, n_in, pr->weights, r_end - r_begin, targets[i].y + r_begin,
+                       w.n_out, dnnl_scratch);
             continue;
           }
         }
         if (w.type == DType::BF16) {
           run_bf16_matmul(*prim, stream, xb, n, n_in, w.row(r_begin), r_end - r_begin, targets[i].y + r_begin, w.n_out,
-                          dnnl_scratch.data());
+                          dnnl_scratch);
           continue;
         }
         const int64_t panel_rows = std::min(r_end - r_begin, bf16_panel_rows(n_in));
@@ -374,7 +364,7 @@ bool run_gemm_bf16(std::span<const MatmulTarget> targets, const float* x, const 
         for (int64_t r0 = r_begin; r0 < r_end; r0 += panel_rows) {
           const int64_t n_rows = std::min(panel_rows, r_end - r0);
           for (int64_t r = 0; r < n_rows; ++r) weight_row_to_bf16(isa, w, r0 + r, panel.data() + r * n_in, row_f32.data());
-          run_bf16_matmul(*prim, stream, xb, n, n_in, panel.data(), n_rows, targets[i].y + r0, w.n_out, dnnl_scratch.data());
+          run_bf16_matmul(*prim, stream, xb, n, n_in, panel.data(), n_rows, targets[i].y + r0, w.n_out, dnnl_scratch);
         }
       }
     } catch (const std::bad_alloc&) {
