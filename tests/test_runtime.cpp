@@ -4,6 +4,8 @@
 
 #include <omp.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <random>
 
@@ -166,6 +168,64 @@ TEST_P(RuntimeContinuation, RaggedBatchOverSharedAncestorsEqualsFullPasses) {
       expect_close(logits[i].data() + t * V, ref.data() + (off + t) * V, V,
                    "branch " + std::to_string(i) + " token " + std::to_string(t));
   }
+}
+
+// A batch of one span has its products write K and V straight into the span's k_out / v_out
+// (kv_in_place); a batch of several computes them into scratch and copies them there (store_kv).
+// The same span computed both ways must leave the same K/V, layer by layer, and the same logits.
+TEST_P(RuntimeContinuation, OneSpanBatchWritesTheKvABatchOfTwoStores) {
+  const auto model = bp::Model::load(generated_model(GetParam().arch, GetParam().dtype));
+  const bp::ModelConfig& c = model->config();
+  const int32_t V = c.n_vocab;
+  const int64_t kv = c.kv_dim();
+  const std::vector<int32_t> a = random_tokens(V, 11, 21), x = random_tokens(V, 24, 22), y = random_tokens(V, 7, 23);
+  auto alloc = [&](size_t n) { return std::vector<float>(static_cast<size_t>(c.n_layer) * n * kv, -1.0f); };
+  std::vector<float> ka = alloc(a.size()), va = alloc(a.size());
+  bp::ForwardSpan sa;
+  sa.tokens = a;
+  sa.k_out = ka.data();
+  sa.v_out = va.data();
+  sa.logits = bp::LogitsMode::NONE;
+  bp::forward(*model, std::span<const bp::ForwardSpan>(&sa, 1));
+  const bp::KvSpanView view_a{ka.data(), va.data(), static_cast<int32_t>(a.size())};
+
+  // x after a: alone, then beside y (no ancestors) in one batch.
+  std::vector<float> k1 = alloc(x.size()), v1 = alloc(x.size()), k2 = alloc(x.size()), v2 = alloc(x.size());
+  std::vector<float> ky = alloc(y.size()), vy = alloc(y.size());
+  std::vector<float> logits1(x.size() * V), logits2(x.size() * V), logits_y(y.size() * V);
+  bp::ForwardSpan sx;
+  sx.past = std::span<const bp::KvSpanView>(&view_a, 1);
+  sx.pos0 = static_cast<int32_t>(a.size());
+  sx.tokens = x;
+  sx.logits = bp::LogitsMode::ALL;
+  bp::ForwardSpan alone = sx;
+  alone.k_out = k1.data();
+  alone.v_out = v1.data();
+  alone.logits_out = logits1.data();
+  bp::forward(*model, std::span<const bp::ForwardSpan>(&alone, 1));
+  bp::ForwardSpan pair[2] = {sx, {}};
+  pair[0].k_out = k2.data();
+  pair[0].v_out = v2.data();
+  pair[0].logits_out = logits2.data();
+  pair[1].tokens = y;
+  pair[1].k_out = ky.data();
+  pair[1].v_out = vy.data();
+  pair[1].logits = bp::LogitsMode::ALL;
+  pair[1].logits_out = logits_y.data();
+  bp::forward(*model, pair);
+
+  auto expect_same_kv = [&](const std::vector<float>& got, const std::vector<float>& ref, const char* which) {
+    float max_ref = 0.0f, max_diff = 0.0f;
+    for (size_t i = 0; i < ref.size(); ++i) {
+      max_ref = std::max(max_ref, std::abs(ref[i]));
+      max_diff = std::max(max_diff, std::abs(got[i] - ref[i]));
+    }
+    EXPECT_LE(max_diff, 1e-5f * std::max(1.0f, max_ref)) << which << ": max diff " << max_diff << ", max |value| " << max_ref;
+  };
+  expect_same_kv(k1, k2, "K");
+  expect_same_kv(v1, v2, "V");
+  for (size_t t = 0; t < x.size(); ++t)
+    expect_close(logits1.data() + t * V, logits2.data() + t * V, V, "token " + std::to_string(t));
 }
 
 // A cleared sequence writes its new tokens' K/V over the old ones in memory it keeps: what it

@@ -102,6 +102,12 @@ void store_kv(const Batch& b, int32_t layer, const float* k, const float* v) {
   }
 }
 
+float* kv_in_place(const Batch& b, int32_t layer, int which) {
+  if (b.spans.size() != 1 || b.n_rows == 0) return nullptr;
+  const ForwardSpan& sp = b.spans[0];
+  return (which == 0 ? sp.k_out : sp.v_out) + layer * out_stride(sp, b.cfg.kv_dim());
+}
+
 namespace {
 
 // Query rows per tile: about TILE_QUERIES query vectors (rows x heads of one key/value group), the

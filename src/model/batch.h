@@ -24,6 +24,11 @@ struct Batch {
 // k_out / v_out.
 void store_kv(const Batch& b, int32_t layer, const float* k, const float* v);
 
+// Where this layer's new K rows (which == 0) or V rows (1) already lie as one [n_rows][kv_dim]
+// matrix: in a batch of one span, its own k_out / v_out for the layer. A pass whose products
+// write K and V there has nothing to store (store_kv not called). nullptr for other batches.
+float* kv_in_place(const Batch& b, int32_t layer, int which);
+
 // out[n_rows][n_head * head_dim] = softmax(q Kᵀ / sqrt(head_dim)) V per head, where the keys of a
 // row are its span's ancestors followed by the span's own rows up to itself. Reads the span's own
 // K/V from k_out / v_out, so store_kv must have run for this layer.

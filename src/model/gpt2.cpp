@@ -44,20 +44,18 @@ struct Activations {
   uint16_t* hb;  // [n][max(n_embd, n_ff)] a product's input as bf16 (step schedule, matmul_takes_bf16)
 };
 
-// The fused q/k/v weight's three parts (rows [0, d), [d, 2d), [2d, 3d)) as products into a.q,
-// a.k and a.v: no copy of a fused [n][3d] output.
+// The fused q/k/v weight's three parts (rows [0, d), [d, 2d), [2d, 3d)) as products into
+// out[0..2] ([n][d] each: q, k and v): no copy of a fused [n][3d] output.
 struct QkvTargets {
-  QkvTargets(const MatrixView& w, const Activations& a, int64_t d) {
-    float* out[3] = {a.q, a.k, a.v};
+  QkvTargets(const MatrixView& w, float* const* out, int64_t d) {
     for (int64_t p = 0; p < 3; ++p) t[p] = {MatrixView{w.type, w.row(p * d), w.n_in, d}, out[p]};
   }
   MatmulTarget t[3];
 };
 
-// The q/k/v bias (bias[3d]) added to columns [rows[p].r0, rows[p].r1) of part p of a.q, a.k, a.v
-// ([n][d] each). Parallel over rows unless called inside a parallel region.
-void add_qkv_bias(const Activations& a, int64_t n, int64_t d, const RowRange* rows, const float* bias) {
-  float* parts[3] = {a.q, a.k, a.v};
+// The q/k/v bias (bias[3d]) added to columns [rows[p].r0, rows[p].r1) of parts[p] (q, k, v:
+// [n][d] each). Parallel over rows unless called inside a parallel region.
+void add_qkv_bias(float* const* parts, int64_t n, int64_t d, const RowRange* rows, const float* bias) {
 #pragma omp parallel for if (n >= 4 && !omp_in_parallel())
   for (int64_t j = 0; j < n; ++j) {
     for (int64_t p = 0; p < 3; ++p) {
@@ -75,12 +73,15 @@ void hidden_steps(const ModelImpl& m, const Batch& b, float* x, Activations& a) 
     const LayerWeights& L = m.layers[static_cast<size_t>(il)];
     // h: the previous layer's MLP output, added to x (with its bias) here
     const float* prev_bias = il == 0 ? nullptr : m.layers[static_cast<size_t>(il - 1)].ffn_down_b.data();
-    const QkvTargets qkv(L.attn_qkv, a, d);
+    // K and V straight into the span's cache rows where the batch is one span (no copy).
+    float* k_in_place = kv_in_place(b, il, 0);
+    float* const qkv_out[3] = {a.q, k_in_place != nullptr ? k_in_place : a.k, k_in_place != nullptr ? kv_in_place(b, il, 1) : a.v};
+    const QkvTargets qkv(L.attn_qkv, qkv_out, d);
     ops::add_norm_products(x, il == 0 ? nullptr : h, prev_bias, {L.attn_norm_w.data(), L.attn_norm_b.data(), c.norm_eps},
                            qkv.t, h, hb, n, d);
     const RowRange all[3] = {{0, d}, {0, d}, {0, d}};
-    add_qkv_bias(a, n, d, all, L.attn_qkv_b.data());
-    store_kv(b, il, a.k, a.v);
+    add_qkv_bias(qkv_out, n, d, all, L.attn_qkv_b.data());
+    if (k_in_place == nullptr) store_kv(b, il, qkv_out[1], qkv_out[2]);
     attention(b, il, a.q, a.att);
     matmul(L.attn_out, a.att, n, h);
 
@@ -120,12 +121,14 @@ void hidden_team(const ModelImpl& m, const Batch& b, float* x, Activations& a) {
       const LayerWeights& L = m.layers[static_cast<size_t>(il)];
       // x is complete here (after a barrier): every thread normalizes it for itself.
       ops::layer_norm(x, h, n, d, L.attn_norm_w.data(), L.attn_norm_b.data(), c.norm_eps);
-      const QkvTargets qkv(L.attn_qkv, a, d);
+      float* k_in_place = kv_in_place(b, il, 0);  // as in hidden_steps
+      float* const qkv_out[3] = {a.q, k_in_place != nullptr ? k_in_place : a.k, k_in_place != nullptr ? kv_in_place(b, il, 1) : a.v};
+      const QkvTargets qkv(L.attn_qkv, qkv_out, d);
       matmul_many_part(qkv.t, h, n, t, n_threads, rows);
-      add_qkv_bias(a, n, d, rows, L.attn_qkv_b.data());
+      add_qkv_bias(qkv_out, n, d, rows, L.attn_qkv_b.data());
 #pragma omp barrier
-      store_kv(b, il, a.k, a.v);     // shared by the team, then a barrier
-      attention(b, il, a.q, a.att);  // shared by the team, then a barrier
+      if (k_in_place == nullptr) store_kv(b, il, qkv_out[1], qkv_out[2]);  // shared by the team, then a barrier
+      attention(b, il, a.q, a.att);                                         // shared by the team, then a barrier
       const MatmulTarget out[] = {{L.attn_out, y}};
       matmul_many_part(out, a.att, n, t, n_threads, rows);
       add_residual_columns(x, y, L.attn_out_b.data(), n, d, rows[0]);
