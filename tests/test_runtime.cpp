@@ -33,6 +33,19 @@ void expect_close(const float* got, const float* ref, int64_t n_vocab, const std
   EXPECT_TRUE(c.same_argmax) << what;
 }
 
+// One forward call of a span alone, after `past`, writing its K/V into k and v
+// ([n_layer][tokens.size()][kv_dim]); no logits.
+void compute_span(const bp::Model& m, std::span<const int32_t> tokens, std::span<const bp::KvSpanView> past, float* k, float* v) {
+  bp::ForwardSpan s;
+  s.past = past;
+  for (const bp::KvSpanView& p : past) s.pos0 += p.n_tokens;
+  s.tokens = tokens;
+  s.k_out = k;
+  s.v_out = v;
+  s.logits = bp::LogitsMode::NONE;
+  bp::forward(m, std::span<const bp::ForwardSpan>(&s, 1));
+}
+
 struct ArchCase {
   bp::Arch arch;
   bp::DType dtype;
@@ -114,21 +127,9 @@ TEST_P(RuntimeContinuation, RaggedBatchOverSharedAncestorsEqualsFullPasses) {
   const std::vector<int32_t> a = random_tokens(V, 11, 1), b = random_tokens(V, 6, 2);
   auto alloc = [&](size_t n) { return std::vector<float>(static_cast<size_t>(c.n_layer) * n * kv); };
   std::vector<float> ka = alloc(a.size()), va = alloc(a.size()), kb = alloc(b.size()), vb = alloc(b.size());
-  bp::ForwardSpan sa;
-  sa.tokens = a;
-  sa.k_out = ka.data();
-  sa.v_out = va.data();
-  sa.logits = bp::LogitsMode::NONE;
-  bp::forward(*model, std::span<const bp::ForwardSpan>(&sa, 1));
+  compute_span(*model, a, {}, ka.data(), va.data());
   const bp::KvSpanView view_a{ka.data(), va.data(), static_cast<int32_t>(a.size())};
-  bp::ForwardSpan sb;
-  sb.past = std::span<const bp::KvSpanView>(&view_a, 1);
-  sb.tokens = b;
-  sb.pos0 = static_cast<int32_t>(a.size());
-  sb.k_out = kb.data();
-  sb.v_out = vb.data();
-  sb.logits = bp::LogitsMode::NONE;
-  bp::forward(*model, std::span<const bp::ForwardSpan>(&sb, 1));
+  compute_span(*model, b, std::span<const bp::KvSpanView>(&view_a, 1), kb.data(), vb.data());
   const bp::KvSpanView chain_ab[] = {view_a, {kb.data(), vb.data(), static_cast<int32_t>(b.size())}};
 
   // One ragged batch: three branches of different lengths after A+B, one after A only, and one
@@ -181,12 +182,7 @@ TEST_P(RuntimeContinuation, OneSpanBatchWritesTheKvABatchOfTwoStores) {
   const std::vector<int32_t> a = random_tokens(V, 11, 21), x = random_tokens(V, 24, 22), y = random_tokens(V, 7, 23);
   auto alloc = [&](size_t n) { return std::vector<float>(static_cast<size_t>(c.n_layer) * n * kv, -1.0f); };
   std::vector<float> ka = alloc(a.size()), va = alloc(a.size());
-  bp::ForwardSpan sa;
-  sa.tokens = a;
-  sa.k_out = ka.data();
-  sa.v_out = va.data();
-  sa.logits = bp::LogitsMode::NONE;
-  bp::forward(*model, std::span<const bp::ForwardSpan>(&sa, 1));
+  compute_span(*model, a, {}, ka.data(), va.data());
   const bp::KvSpanView view_a{ka.data(), va.data(), static_cast<int32_t>(a.size())};
 
   // x after a: alone, then beside y (no ancestors) in one batch.
