@@ -31,7 +31,8 @@ float* kv_in_place(const Batch& b, int32_t layer, int which);
 
 // out[n_rows][n_head * head_dim] = softmax(q Kᵀ / sqrt(head_dim)) V per head, where the keys of a
 // row are its span's ancestors followed by the span's own rows up to itself. Reads the span's own
-// K/V from k_out / v_out, so store_kv must have run for this layer.
+// K/V from k_out / v_out, so they must be there for this layer: stored by store_kv, or written in
+// place by the products (kv_in_place).
 void attention(const Batch& b, int32_t layer, const float* q, float* out);
 
 }  // namespace backprompt::detail
