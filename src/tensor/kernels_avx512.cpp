@@ -334,14 +334,25 @@ BP_TARGET_AVX512 void q8_rows4_dot(const MatrixView& w, const int64_t* r, const 
   __m512 a[4][2];
 #pragma GCC unroll 4
   for (int s = 0; s < 4; ++s) a[s][0] = a[s][1] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < n_pairs; ++p) {
+  // Even pairs into a[s][0], odd ones into a[s][1]: two pairs a step, so that the accumulators'
+  // indices are constants and they stay in registers. Indexed by p & 1 they lived on the stack,
+  // a load and a store around every pair's FMA: 2048-wide q8_0 rows, 2-core AVX-512 VM, 35 MB
+  // from memory 49-50 -> 54-55 GB/s with two threads, 31 -> 33 with one; 0.6 MB in cache, one
+  // thread, 31-32 -> 33-34 (same sums, same order).
+  auto step = [&](int64_t p, int half) BP_TARGET_AVX512 {
 #pragma GCC unroll 4
     for (int s = 0; s < 4; ++s) {
       prefetch(row[s] + 2 * p * int64_t{sizeof(BlockQ8_0)}, ROWS4_PREFETCH_BYTES);
       prefetch(row[s] + 2 * p * int64_t{sizeof(BlockQ8_0)} + 64, ROWS4_PREFETCH_BYTES);
-      a[s][p & 1] = q8_pair_dot(row[s], p, xp, a[s][p & 1]);
+      a[s][half] = q8_pair_dot(row[s], p, xp, a[s][half]);
     }
+  };
+  int64_t p = 0;
+  for (; p + 2 <= n_pairs; p += 2) {
+    step(p, 0);
+    step(p + 1, 1);
   }
+  if (p < n_pairs) step(p, 0);
 #pragma GCC unroll 4
   for (int s = 0; s < 4; ++s) {
     float sum = _mm512_reduce_add_ps(_mm512_add_ps(a[s][0], a[s][1])) * Q8_PAIR_UNSCALE;
