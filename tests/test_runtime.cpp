@@ -172,7 +172,7 @@ TEST_P(RuntimeContinuation, RaggedBatchOverSharedAncestorsEqualsFullPasses) {
 }
 
 // A batch of one span has its products write K and V straight into the span's k_out / v_out
-// (kv_in_place); a batch of several computes them into scratch and copies them there (store_kv).
+// (kv_rows); a batch of several computes them into scratch and copies them there (store_kv).
 // The same span computed both ways must leave the same K/V, layer by layer, and the same logits.
 TEST_P(RuntimeContinuation, OneSpanBatchWritesTheKvABatchOfTwoStores) {
   const auto model = bp::Model::load(generated_model(GetParam().arch, GetParam().dtype));

@@ -76,7 +76,10 @@ void store_piece(const Batch& b, int32_t layer, const float* k, const float* v, 
 // of the team calls store_kv and attention: they share the work (orphaned worksharing loops) and
 // return together (their implicit barriers). Otherwise each opens its own parallel region when
 // the work is large enough.
-void store_kv(const Batch& b, int32_t layer, const float* k, const float* v) {
+void store_kv(const Batch& b, int32_t layer, const KvRows& rows) {
+  if (rows.in_place) return;
+  const float* k = rows.k;
+  const float* v = rows.v;
   const int64_t row_bytes = b.cfg.kv_dim() * static_cast<int64_t>(sizeof(float));
   const int64_t max_rows = std::max<int64_t>(1, STORE_PIECE_BYTES / row_bytes);
   // Kept between calls (decode calls this per layer and thread). Referred to through `pieces`
@@ -102,10 +105,11 @@ void store_kv(const Batch& b, int32_t layer, const float* k, const float* v) {
   }
 }
 
-float* kv_in_place(const Batch& b, int32_t layer, int which) {
-  if (b.spans.size() != 1 || b.n_rows == 0) return nullptr;
+KvRows kv_rows(const Batch& b, int32_t layer, float* k_scratch, float* v_scratch) {
+  if (b.spans.size() != 1 || b.n_rows == 0) return {k_scratch, v_scratch, false};
   const ForwardSpan& sp = b.spans[0];
-  return (which == 0 ? sp.k_out : sp.v_out) + layer * out_stride(sp, b.cfg.kv_dim());
+  const int64_t off = layer * out_stride(sp, b.cfg.kv_dim());
+  return {sp.k_out + off, sp.v_out + off, true};
 }
 
 namespace {

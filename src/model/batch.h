@@ -20,19 +20,23 @@ struct Batch {
   int64_t n_rows = 0;
 };
 
-// Copies this layer's new K and V rows ([n_rows][kv_dim], keys after RoPE) into each span's
-// k_out / v_out.
-void store_kv(const Batch& b, int32_t layer, const float* k, const float* v);
+// Where a layer's products write the batch's new K and V rows ([n_rows][kv_dim] each): in a batch
+// of one span, straight into its k_out / v_out for the layer (in_place); otherwise into the
+// given scratch, from which store_kv copies them into each span's k_out / v_out.
+struct KvRows {
+  float* k;
+  float* v;
+  bool in_place;
+};
+KvRows kv_rows(const Batch& b, int32_t layer, float* k_scratch, float* v_scratch);
 
-// Where this layer's new K rows (which == 0) or V rows (1) already lie as one [n_rows][kv_dim]
-// matrix: in a batch of one span, its own k_out / v_out for the layer. A pass whose products
-// write K and V there has nothing to store (store_kv not called). nullptr for other batches.
-float* kv_in_place(const Batch& b, int32_t layer, int which);
+// Copies this layer's new K and V rows (keys after RoPE) into each span's k_out / v_out; nothing
+// to do where they were written in place.
+void store_kv(const Batch& b, int32_t layer, const KvRows& rows);
 
 // out[n_rows][n_head * head_dim] = softmax(q Kᵀ / sqrt(head_dim)) V per head, where the keys of a
 // row are its span's ancestors followed by the span's own rows up to itself. Reads the span's own
-// K/V from k_out / v_out, so they must be there for this layer: stored by store_kv, or written in
-// place by the products (kv_in_place).
+// K/V from k_out / v_out, so store_kv must have run for this layer.
 void attention(const Batch& b, int32_t layer, const float* q, float* out);
 
 }  // namespace backprompt::detail

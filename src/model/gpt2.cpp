@@ -73,15 +73,14 @@ void hidden_steps(const ModelImpl& m, const Batch& b, float* x, Activations& a) 
     const LayerWeights& L = m.layers[static_cast<size_t>(il)];
     // h: the previous layer's MLP output, added to x (with its bias) here
     const float* prev_bias = il == 0 ? nullptr : m.layers[static_cast<size_t>(il - 1)].ffn_down_b.data();
-    // K and V straight into the span's cache rows where the batch is one span (no copy).
-    float* k_in_place = kv_in_place(b, il, 0);
-    float* const qkv_out[3] = {a.q, k_in_place != nullptr ? k_in_place : a.k, k_in_place != nullptr ? kv_in_place(b, il, 1) : a.v};
+    const KvRows kv_new = kv_rows(b, il, a.k, a.v);  // in place in a batch of one span
+    float* const qkv_out[3] = {a.q, kv_new.k, kv_new.v};
     const QkvTargets qkv(L.attn_qkv, qkv_out, d);
     ops::add_norm_products(x, il == 0 ? nullptr : h, prev_bias, {L.attn_norm_w.data(), L.attn_norm_b.data(), c.norm_eps},
                            qkv.t, h, hb, n, d);
     const RowRange all[3] = {{0, d}, {0, d}, {0, d}};
     add_qkv_bias(qkv_out, n, d, all, L.attn_qkv_b.data());
-    if (k_in_place == nullptr) store_kv(b, il, qkv_out[1], qkv_out[2]);
+    store_kv(b, il, kv_new);
     attention(b, il, a.q, a.att);
     matmul(L.attn_out, a.att, n, h);
 
@@ -121,14 +120,14 @@ void hidden_team(const ModelImpl& m, const Batch& b, float* x, Activations& a) {
       const LayerWeights& L = m.layers[static_cast<size_t>(il)];
       // x is complete here (after a barrier): every thread normalizes it for itself.
       ops::layer_norm(x, h, n, d, L.attn_norm_w.data(), L.attn_norm_b.data(), c.norm_eps);
-      float* k_in_place = kv_in_place(b, il, 0);  // as in hidden_steps
-      float* const qkv_out[3] = {a.q, k_in_place != nullptr ? k_in_place : a.k, k_in_place != nullptr ? kv_in_place(b, il, 1) : a.v};
+      const KvRows kv_new = kv_rows(b, il, a.k, a.v);
+      float* const qkv_out[3] = {a.q, kv_new.k, kv_new.v};
       const QkvTargets qkv(L.attn_qkv, qkv_out, d);
       matmul_many_part(qkv.t, h, n, t, n_threads, rows);
       add_qkv_bias(qkv_out, n, d, rows, L.attn_qkv_b.data());
 #pragma omp barrier
-      if (k_in_place == nullptr) store_kv(b, il, qkv_out[1], qkv_out[2]);  // shared by the team, then a barrier
-      attention(b, il, a.q, a.att);                                         // shared by the team, then a barrier
+      store_kv(b, il, kv_new);       // shared by the team, then a barrier (none if in place)
+      attention(b, il, a.q, a.att);  // shared by the team, then a barrier
       const MatmulTarget out[] = {{L.attn_out, y}};
       matmul_many_part(out, a.att, n, t, n_threads, rows);
       add_residual_columns(x, y, L.attn_out_b.data(), n, d, rows[0]);

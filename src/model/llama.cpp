@@ -57,19 +57,16 @@ void hidden_steps(const ModelImpl& m, const Batch& b, float* x, Activations& a) 
   uint16_t* hb = matmul_takes_bf16(n) ? a.hb : nullptr;  // products' inputs as bf16
   for (int32_t il = 0; il < c.n_layer; ++il) {
     const LayerWeights& L = m.layers[static_cast<size_t>(il)];
-    // K and V straight into the span's cache rows where the batch is one span (no copy).
-    float* k_in_place = kv_in_place(b, il, 0);
-    float* k = k_in_place != nullptr ? k_in_place : a.k;
-    float* v = k_in_place != nullptr ? kv_in_place(b, il, 1) : a.v;
-    const MatmulTarget qkv[] = {{L.attn_q, a.q}, {L.attn_k, k}, {L.attn_v, v}};
+    const KvRows kv_new = kv_rows(b, il, a.k, a.v);  // in place in a batch of one span
+    const MatmulTarget qkv[] = {{L.attn_q, a.q}, {L.attn_k, kv_new.k}, {L.attn_v, kv_new.v}};
     // h: the previous layer's MLP output, added to x here
     ops::add_norm_products(x, il == 0 ? nullptr : h, nullptr, {L.attn_norm_w.data(), nullptr, c.norm_eps}, qkv, h, hb, n, d);
 #pragma omp parallel for if (n >= 16)
     for (int64_t r = 0; r < n; ++r) {
       ops::rope(a.q + r * d, c.n_head, c.head_dim, c.rope_dim, a.rot + r * n_pairs * 2);
-      ops::rope(k + r * kv, c.n_kv_head, c.head_dim, c.rope_dim, a.rot + r * n_pairs * 2);
+      ops::rope(kv_new.k + r * kv, c.n_kv_head, c.head_dim, c.rope_dim, a.rot + r * n_pairs * 2);
     }
-    if (k_in_place == nullptr) store_kv(b, il, k, v);
+    store_kv(b, il, kv_new);
     attention(b, il, a.q, a.att);
     matmul(L.attn_out, a.att, n, h);
 
@@ -109,18 +106,16 @@ void hidden_team(const ModelImpl& m, const Batch& b, float* x, Activations& a) {
       const LayerWeights& L = m.layers[static_cast<size_t>(il)];
       // x is complete here (after a barrier): every thread normalizes it for itself.
       ops::rms_norm(x, h, n, d, L.attn_norm_w.data(), c.norm_eps);
-      float* k_in_place = kv_in_place(b, il, 0);  // as in hidden_steps
-      float* k = k_in_place != nullptr ? k_in_place : a.k;
-      float* v = k_in_place != nullptr ? kv_in_place(b, il, 1) : a.v;
-      const MatmulTarget qkv[] = {{L.attn_q, a.q}, {L.attn_k, k}, {L.attn_v, v}};
+      const KvRows kv_new = kv_rows(b, il, a.k, a.v);
+      const MatmulTarget qkv[] = {{L.attn_q, a.q}, {L.attn_k, kv_new.k}, {L.attn_v, kv_new.v}};
       matmul_many_part(qkv, h, n, t, n_threads, rows);
       for (int64_t r = 0; r < n; ++r) {  // rotate this thread's q and k columns (even boundaries)
         ops::rope_range(a.q + r * d, rows[0].r0, rows[0].r1, c.head_dim, c.rope_dim, a.rot + r * n_pairs * 2);
-        ops::rope_range(k + r * kv, rows[1].r0, rows[1].r1, c.head_dim, c.rope_dim, a.rot + r * n_pairs * 2);
+        ops::rope_range(kv_new.k + r * kv, rows[1].r0, rows[1].r1, c.head_dim, c.rope_dim, a.rot + r * n_pairs * 2);
       }
 #pragma omp barrier
-      if (k_in_place == nullptr) store_kv(b, il, k, v);  // shared by the team, then a barrier
-      attention(b, il, a.q, a.att);                       // shared by the team, then a barrier
+      store_kv(b, il, kv_new);       // shared by the team, then a barrier (none if in place)
+      attention(b, il, a.q, a.att);  // shared by the team, then a barrier
       const MatmulTarget out[] = {{L.attn_out, y}};
       matmul_many_part(out, a.att, n, t, n_threads, rows);
       add_columns(x, y, n, d, rows[0]);
