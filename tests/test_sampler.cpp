@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <random>
 #include <set>
 #include <vector>
 
@@ -42,6 +43,24 @@ TEST(SamplerGreedy, ArgmaxAndLowestIdOnTies) {
   EXPECT_EQ(s.sample(std::vector<float>{1.0f, 5.0f, 5.0f, 5.0f}), 1);
   EXPECT_EQ(s.sample(std::vector<float>{-INFINITY, -1.0f, -1.0f}), 1);
   EXPECT_EQ(s.sample(std::vector<float>{7.0f}), 0);
+}
+
+// argmax against its definition, on vectors with many ties and with NaNs anywhere (first too).
+TEST(SamplerGreedy, ArgmaxIsTheLowestIdOfTheLargestNumber) {
+  std::mt19937 rng(7);
+  for (int trial = 0; trial < 500; trial++) {
+    std::vector<float> v(1 + rng() % 40);
+    for (float& x : v) x = static_cast<float>(static_cast<int>(rng() % 7) - 3);  // few values: ties
+    const int n_nan = trial % 3 == 0 ? 0 : static_cast<int>(rng() % v.size());
+    for (int i = 0; i < n_nan; i++) v[rng() % v.size()] = NAN;
+    int32_t want = -1;
+    for (size_t i = 0; i < v.size(); i++) {
+      if (!std::isnan(v[i]) && (want < 0 || v[i] > v[static_cast<size_t>(want)])) want = static_cast<int32_t>(i);
+    }
+    if (want < 0) want = static_cast<int32_t>(v.size()) - 1;  // all NaN: the last one
+    EXPECT_EQ(bp::argmax(v), want) << "trial " << trial;
+  }
+  EXPECT_EQ(bp::argmax(std::vector<float>{}), 0);
 }
 
 TEST(SamplerGreedy, DoesNotConsumeRandomness) {

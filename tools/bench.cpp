@@ -25,6 +25,7 @@
 #include "backprompt/model.h"
 #include "commands.h"
 #include "model/runtime.h"
+#include "model/sampler.h"
 #include "tensor/kernels.h"
 
 namespace backprompt::tools {
@@ -50,10 +51,6 @@ std::vector<int32_t> random_tokens(int32_t n, int32_t n_vocab, uint64_t seed) {
   std::vector<int32_t> out(static_cast<size_t>(n));  // [n]
   for (int32_t& t : out) t = pick(rng);
   return out;
-}
-
-int32_t argmax(const std::vector<float>& logits) {
-  return static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
 }
 
 // Seconds to prefill `prompt` into `seq`, emptied first. Its K/V memory is kept from one run to

@@ -26,14 +26,6 @@ float random_f32(uint64_t& state) {
   return static_cast<float>(random_u32(state) >> 8) / 16777216.0f;
 }
 
-int32_t argmax(std::span<const float> logits) {
-  int32_t best = 0;
-  for (size_t i = 1; i < logits.size(); i++) {
-    if (logits[i] > logits[best] || std::isnan(logits[best])) best = static_cast<int32_t>(i);
-  }
-  return best;
-}
-
 // Marks all but the k largest logits (ties -> lower id kept) as excluded.
 void keep_top_k(std::span<const float> logits, int32_t k, std::vector<char>& keep) {  // keep: [n]
   const size_t n = logits.size();
@@ -113,6 +105,22 @@ int32_t sample_top_p(const std::vector<float>& probs, float top_p, float coin) {
 }
 
 }  // namespace
+
+// The running maximum stays in a register. Compared against logits[best] instead, every step
+// waits on a load that depends on the last: on 32000 logits (a 2-core AVX-512 VM) this loop takes
+// 13 us, that one 20 us and std::max_element 119 us, which was 3-4% of a llama-110m q8_0 decode
+// step in `backprompt bench`.
+int32_t argmax(std::span<const float> logits) {
+  int32_t best = 0;
+  float top = logits.empty() ? 0.0f : logits[0];
+  for (size_t i = 1; i < logits.size(); i++) {
+    if (logits[i] > top || std::isnan(top)) {
+      top = logits[i];
+      best = static_cast<int32_t>(i);
+    }
+  }
+  return best;
+}
 
 Sampler::Sampler(const SamplingParams& params) : params_(params) {
   if (!(params.temperature >= 0.0f) || std::isinf(params.temperature)) {

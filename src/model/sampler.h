@@ -8,6 +8,10 @@
 
 namespace backprompt {
 
+// The greedy choice: the id of the largest logit, the lowest of equal ones; NaN logits are never
+// chosen over a number. 0 for an empty span.
+int32_t argmax(std::span<const float> logits);
+
 // Thread-safety: none (holds RNG state). Copyable: a copy continues the same random stream.
 class Sampler {
  public:
