@@ -2,6 +2,9 @@
 // definitions, and RoPE on pieces of a row (the decode schedule's shares) against the whole row.
 #include <gtest/gtest.h>
 
+#include <omp.h>
+
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -138,6 +141,33 @@ TEST(Ops, RopeMatchesDefinitionAndPiecesMatchWholeRow) {
       ASSERT_EQ(std::memcmp(pieces.data(), whole.data(), whole.size() * sizeof(float)), 0)
           << "head_dim " << c.head_dim << " rope_dim " << c.rope_dim << " pieces of " << step;
     }
+  }
+}
+
+// The team barrier: in each round every thread writes its slot, meets the others, and must then
+// read every slot of this round (none left from the last), for 2 and 3 threads (3 on 2 cores: a
+// thread is often descheduled while the others wait, so the futex path runs as well).
+TEST(TeamBarrier, EveryThreadSeesEveryWriteFromBeforeTheBarrier) {
+  for (int n_threads : {2, 3}) {
+    bp::ops::TeamBarrier barrier;
+    std::vector<int64_t> slots(static_cast<size_t>(n_threads) * 16, -1);  // a cache line per thread
+    std::atomic<int64_t> stale{0}, team_size{0};
+    constexpr int64_t ROUNDS = 1000;
+#pragma omp parallel num_threads(n_threads)
+    {
+      const int t = omp_get_thread_num(), n = omp_get_num_threads();
+      if (t == 0) team_size = n;
+      for (int64_t round = 0; round < ROUNDS; ++round) {
+        slots[static_cast<size_t>(t) * 16] = round;
+        barrier.wait(n);
+        for (int u = 0; u < n; ++u) {
+          if (slots[static_cast<size_t>(u) * 16] != round) ++stale;
+        }
+        barrier.wait(n);  // nobody writes the next round's value before everyone has read
+      }
+    }
+    EXPECT_EQ(stale.load(), 0) << n_threads << " threads";
+    if (team_size.load() < 2) GTEST_SKIP() << "OpenMP gave a team of one thread";
   }
 }
 

@@ -74,8 +74,8 @@ void store_piece(const Batch& b, int32_t layer, const float* k, const float* v, 
 
 // In a team pass (ops::TeamPass: the whole forward pass in one parallel region), every thread
 // of the team calls store_kv and attention: they share the work (orphaned worksharing loops) and
-// return together (their implicit barriers). Otherwise each opens its own parallel region when
-// the work is large enough.
+// return together (the team's barrier). Otherwise each opens its own parallel region when the
+// work is large enough.
 void store_kv(const Batch& b, int32_t layer, const KvRows& rows) {
   if (rows.in_place) return;
   const float* k = rows.k;
@@ -97,8 +97,9 @@ void store_kv(const Batch& b, int32_t layer, const KvRows& rows) {
   }
   const int64_t n_pieces = static_cast<int64_t>(pieces.size());
   if (ops::TeamPass::active()) {
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait
     for (int64_t i = 0; i < n_pieces; ++i) store_piece(b, layer, k, v, pieces[static_cast<size_t>(i)]);
+    ops::TeamPass::barrier();
   } else {
 #pragma omp parallel for schedule(dynamic, 1) if (2 * b.n_rows * row_bytes >= STORE_PARALLEL_MIN_BYTES && n_pieces > 1)
     for (int64_t i = 0; i < n_pieces; ++i) store_piece(b, layer, k, v, pieces[static_cast<size_t>(i)]);
@@ -181,13 +182,22 @@ AttentionTile tile_of(const TileItem& item, const TileShape& sh, const float* q,
   return t;
 }
 
+// The threads of the calling parallel region meet: at the team's barrier in a team pass.
+void meet() {
+  if (ops::TeamPass::active()) {
+    ops::TeamPass::barrier();
+  } else {
+#pragma omp barrier
+  }
+}
+
 // The calling team's share of the tiles (orphaned worksharing loop, dynamic: the causal triangle
-// and ragged spans make tiles unequal; biggest first).
+// and ragged spans make tiles unequal; biggest first), then the threads meet.
 void run_tiles(const std::vector<TileItem>& items, const std::vector<std::vector<KvRowsView>>& sources, const TileShape& sh,
                const float* q, float* out, float* partials) {
   const int64_t n_items = static_cast<int64_t>(items.size());
   std::vector<KvRowsView> kv;  // the tile's sources (its run of them), moved to its first key/value head
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait
   for (int64_t it = 0; it < n_items; ++it) {
     const TileItem& item = items[static_cast<size_t>(it)];
     const int64_t col = static_cast<int64_t>(item.kv_head) * sh.head_dim;
@@ -206,13 +216,14 @@ void run_tiles(const std::vector<TileItem>& items, const std::vector<std::vector
     t.n_keys0 = std::min(item.n_keys0, end) - item.key_begin;
     attention_tile(t);
   }
+  meet();
 }
 
-// The team's share of the merges (after every tile is done).
+// The team's share of the merges (after every tile is done), then the threads meet.
 void run_merges(const std::vector<MergeItem>& merges, const TileShape& sh, float* out, const float* partials) {
   const int64_t n_merges = static_cast<int64_t>(merges.size());
   std::vector<const float*> parts;
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait
   for (int64_t i = 0; i < n_merges; ++i) {
     const MergeItem& mi = merges[static_cast<size_t>(i)];
     const int64_t size = int64_t{mi.whole.n_rows} * mi.whole.n_kv_heads * sh.group * (sh.head_dim + 2);  // one run's
@@ -220,6 +231,7 @@ void run_merges(const std::vector<MergeItem>& merges, const TileShape& sh, float
     for (int32_t r = 0; r < mi.n_runs; ++r) parts.push_back(partials + mi.partial + r * size);
     attention_merge(tile_of(mi.whole, sh, nullptr, out, nullptr), parts.data(), mi.n_runs);
   }
+  meet();
 }
 
 // A buffer of at least n floats for a call's partial results, kept between calls (decode calls

@@ -109,9 +109,10 @@ void hidden_team(const ModelImpl& m, const Batch& b, float* x, Activations& a) {
   const ModelConfig& c = m.config;
   const int64_t n = b.n_rows, d = c.n_embd, ff = c.n_ff;
   const int64_t layer_macs = n * (4 * d * d + 2 * d * ff);
+  ops::TeamBarrier barrier;  // where the team meets (shared)
 #pragma omp parallel if (layer_macs >= PARALLEL_MIN_LAYER_MACS)
   {
-    const ops::TeamPass team;  // store_kv and attention below are shared by the team
+    const ops::TeamPass team(barrier);  // store_kv and attention below are shared by the team
     const int t = omp_get_thread_num(), n_threads = omp_get_num_threads();
     float* h = ops::thread_scratch(1, static_cast<size_t>(2 * n * d));  // [n][d] this thread's normalized input
     float* y = h + n * d;                                               // [n][d] its share of a block output
@@ -125,23 +126,23 @@ void hidden_team(const ModelImpl& m, const Batch& b, float* x, Activations& a) {
       const QkvTargets qkv(L.attn_qkv, qkv_out, d);
       matmul_many_part(qkv.t, h, n, t, n_threads, rows);
       add_qkv_bias(qkv_out, n, d, rows, L.attn_qkv_b.data());
-#pragma omp barrier
+      barrier.wait(n_threads);
       store_kv(b, il, kv_new);       // shared by the team, then a barrier (none if in place)
       attention(b, il, a.q, a.att);  // shared by the team, then a barrier
       const MatmulTarget out[] = {{L.attn_out, y}};
       matmul_many_part(out, a.att, n, t, n_threads, rows);
       add_residual_columns(x, y, L.attn_out_b.data(), n, d, rows[0]);
-#pragma omp barrier
+      barrier.wait(n_threads);
 
       ops::layer_norm(x, h, n, d, L.ffn_norm_w.data(), L.ffn_norm_b.data(), c.norm_eps);
       const MatmulTarget up[] = {{L.ffn_up, a.up}};
       matmul_many_part(up, h, n, t, n_threads, rows);
       for (int64_t r = 0; r < n; ++r) gelu_tanh(a.up + r * ff + rows[0].r0, L.ffn_up_b.data() + rows[0].r0, rows[0].r1 - rows[0].r0);
-#pragma omp barrier
+      barrier.wait(n_threads);
       const MatmulTarget down[] = {{L.ffn_down, y}};
       matmul_many_part(down, a.up, n, t, n_threads, rows);
       add_residual_columns(x, y, L.ffn_down_b.data(), n, d, rows[0]);
-#pragma omp barrier
+      barrier.wait(n_threads);
     }
   }
 }

@@ -6,7 +6,8 @@
 //     pass. Each thread computes its share of every matrix's output rows (and the row-wise work
 //     on them), and the threads meet at 5 barriers per layer instead of forking and joining a
 //     team for each of 5 products (a team wake-up costs ~20 us with OMP_WAIT_POLICY=passive, a
-//     barrier about half; measured on a 2-core AVX-512 machine).
+//     barrier about half; measured on a 2-core AVX-512 machine). The barriers, and those of
+//     store_kv and attention inside the pass, are the team's own (ops::TeamBarrier).
 #include <omp.h>
 
 #include <algorithm>
@@ -95,9 +96,10 @@ void hidden_team(const ModelImpl& m, const Batch& b, float* x, Activations& a) {
   const ModelConfig& c = m.config;
   const int64_t n = b.n_rows, d = c.n_embd, ff = c.n_ff, kv = c.kv_dim(), n_pairs = c.rope_dim / 2;
   const int64_t layer_macs = n * (2 * d * d + 2 * d * kv + 3 * d * ff);
+  ops::TeamBarrier barrier;  // where the team meets (shared)
 #pragma omp parallel if (layer_macs >= PARALLEL_MIN_LAYER_MACS)
   {
-    const ops::TeamPass team;  // store_kv and attention below are shared by the team
+    const ops::TeamPass team(barrier);  // store_kv and attention below are shared by the team
     const int t = omp_get_thread_num(), n_threads = omp_get_num_threads();
     float* h = ops::thread_scratch(1, static_cast<size_t>(2 * n * d));  // [n][d] this thread's normalized input
     float* y = h + n * d;                                               // [n][d] its share of a block output
@@ -113,24 +115,24 @@ void hidden_team(const ModelImpl& m, const Batch& b, float* x, Activations& a) {
         ops::rope_range(a.q + r * d, rows[0].r0, rows[0].r1, c.head_dim, c.rope_dim, a.rot + r * n_pairs * 2);
         ops::rope_range(kv_new.k + r * kv, rows[1].r0, rows[1].r1, c.head_dim, c.rope_dim, a.rot + r * n_pairs * 2);
       }
-#pragma omp barrier
+      barrier.wait(n_threads);
       store_kv(b, il, kv_new);       // shared by the team, then a barrier (none if in place)
       attention(b, il, a.q, a.att);  // shared by the team, then a barrier
       const MatmulTarget out[] = {{L.attn_out, y}};
       matmul_many_part(out, a.att, n, t, n_threads, rows);
       add_columns(x, y, n, d, rows[0]);
-#pragma omp barrier
+      barrier.wait(n_threads);
 
       ops::rms_norm(x, h, n, d, L.ffn_norm_w.data(), c.norm_eps);
       const MatmulTarget gate[] = {{L.ffn_gate, a.gate}}, up[] = {{L.ffn_up, a.up}};
       matmul_many_part(gate, h, n, t, n_threads, rows);
       matmul_many_part(up, h, n, t, n_threads, rows + 1);  // the same rows as gate's
       for (int64_t r = 0; r < n; ++r) silu_mul(a.gate + r * ff + rows[0].r0, a.up + r * ff + rows[0].r0, rows[0].r1 - rows[0].r0);
-#pragma omp barrier
+      barrier.wait(n_threads);
       const MatmulTarget down[] = {{L.ffn_down, y}};
       matmul_many_part(down, a.gate, n, t, n_threads, rows);
       add_columns(x, y, n, d, rows[0]);
-#pragma omp barrier
+      barrier.wait(n_threads);
     }
   }
 }

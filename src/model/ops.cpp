@@ -1,10 +1,16 @@
 #include "model/ops.h"
 
+#include <linux/futex.h>
 #include <omp.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
+#include <cstdlib>
 #include <memory>
+#include <string_view>
 #include <vector>
 
 #include "tensor/kernels.h"
@@ -164,11 +170,57 @@ float* thread_scratch(int slot, size_t n) {
 }
 
 namespace {
-thread_local bool in_team_pass = false;
+
+// Spin iterations before a waiting thread sleeps: ~0.4 ms of pause instructions, none under
+// OMP_WAIT_POLICY=passive (a machine shared with other work, where spinning threads are
+// descheduled and everyone waits for them).
+int barrier_spins() {
+  static const int spins = [] {
+    const char* policy = std::getenv("OMP_WAIT_POLICY");
+    return policy != nullptr && (std::string_view(policy) == "passive" || std::string_view(policy) == "PASSIVE") ? 0 : 20000;
+  }();
+  return spins;
+}
+
+long futex(std::atomic<uint32_t>* word, int op, uint32_t value) {
+  static_assert(sizeof(std::atomic<uint32_t>) == sizeof(uint32_t));
+  return syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), op, value, nullptr, nullptr, 0);
+}
+
 }  // namespace
 
-TeamPass::TeamPass() : saved_(in_team_pass) { in_team_pass = true; }
-TeamPass::~TeamPass() { in_team_pass = saved_; }
-bool TeamPass::active() { return in_team_pass; }
+void TeamBarrier::wait(int n_threads) {
+  if (n_threads <= 1) return;
+  const uint32_t gen = generation_.load(std::memory_order_relaxed);
+  if (arrived_.fetch_add(1, std::memory_order_acq_rel) == n_threads - 1) {
+    // The last to arrive: reset the count before the others can leave (they leave on the new
+    // generation, which they read with acquire), then release them.
+    arrived_.store(0, std::memory_order_relaxed);
+    generation_.store(gen + 1, std::memory_order_seq_cst);
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) futex(&generation_, FUTEX_WAKE_PRIVATE, INT32_MAX);
+    return;
+  }
+  for (int i = barrier_spins(); i > 0; --i) {
+    if (generation_.load(std::memory_order_acquire) != gen) return;
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+  }
+  // Counted as a sleeper before checking the generation again: either the last thread sees the
+  // count and wakes us, or we see its new generation (both seq_cst), and FUTEX_WAIT returns at
+  // once if the word has changed since.
+  sleepers_.fetch_add(1, std::memory_order_seq_cst);
+  while (generation_.load(std::memory_order_seq_cst) == gen) futex(&generation_, FUTEX_WAIT_PRIVATE, gen);
+  sleepers_.fetch_sub(1, std::memory_order_relaxed);
+}
+
+namespace {
+thread_local TeamBarrier* team_barrier = nullptr;  // the calling thread's TeamPass, if any
+}  // namespace
+
+TeamPass::TeamPass(TeamBarrier& barrier) : saved_(team_barrier) { team_barrier = &barrier; }
+TeamPass::~TeamPass() { team_barrier = saved_; }
+bool TeamPass::active() { return team_barrier != nullptr; }
+void TeamPass::barrier() { team_barrier->wait(omp_get_num_threads()); }
 
 }  // namespace backprompt::ops

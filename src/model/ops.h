@@ -3,6 +3,7 @@
 // parallel region (then the calling thread does all of it).
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <span>
@@ -64,20 +65,41 @@ void rope_range(float* x, int64_t e0, int64_t e1, int32_t head_dim, int32_t rope
 constexpr int SCRATCH_SLOTS = 2;
 float* thread_scratch(int slot, size_t n);
 
+// A barrier for the threads of one parallel region that meet many times: the decode schedule
+// meets 6-7 times per layer, every 10-50 us for a small model. Waiting threads spin on a
+// counter, then (after ~0.4 ms, or at once under OMP_WAIT_POLICY=passive) sleep on a futex.
+// Measured on a 2-core AVX-512 VM, two threads meeting in a loop: 0.1-0.5 us per barrier this way,
+// 1.2-1.5 us through `#pragma omp barrier`; llama-110m q8_0 decode (no prompt) 1.03x, 8 of 8
+// alternating pairs faster. Acquire/release: what a thread wrote before wait() is visible to
+// every thread after it. Declare one before the parallel region (shared by the team).
+class TeamBarrier {
+ public:
+  TeamBarrier() = default;
+  TeamBarrier(const TeamBarrier&) = delete;
+  TeamBarrier& operator=(const TeamBarrier&) = delete;
+  void wait(int n_threads);  // every thread of the team, with the team's size
+
+ private:
+  alignas(64) std::atomic<int> arrived_{0};
+  alignas(64) std::atomic<uint32_t> generation_{0};  // also the futex word
+  std::atomic<int> sleepers_{0};
+};
+
 // Marks the calling thread, while the object lives, as a member of a team that runs a whole
 // forward pass in one parallel region (the decode schedule of llama.cpp and gpt2.cpp): store_kv()
 // and attention() then share their work with that team (every member must call them) instead
-// of running alone or opening a parallel region of their own.
+// of running alone or opening a parallel region of their own, meeting at the team's barrier.
 class TeamPass {
  public:
-  TeamPass();
+  explicit TeamPass(TeamBarrier& barrier);
   ~TeamPass();
   TeamPass(const TeamPass&) = delete;
   TeamPass& operator=(const TeamPass&) = delete;
   static bool active();  // is the calling thread in a TeamPass?
+  static void barrier();  // the calling thread's team meets (only while active())
 
  private:
-  bool saved_;
+  TeamBarrier* saved_;
 };
 
 }  // namespace backprompt::ops
