@@ -77,12 +77,6 @@ size_t dtype_block_bytes(DType t) {
   return 0;
 }
 
-size_t dtype_row_bytes(DType t, int64_t n) {
-  const int64_t block = dtype_block_size(t);
-  BP_ASSERT(n >= 0 && n % block == 0);
-  return static_cast<size_t>(n / block) * dtype_block_bytes(t);
-}
-
 // ---------------------------------------------------------------------------------------------
 // f16 (IEEE binary16: 1 sign, 5 exponent, 10 mantissa bits)
 
