@@ -37,7 +37,7 @@ int dtype_block_size(DType t);                            // elements per block 
 size_t dtype_block_bytes(DType t);                        // bytes per block
 // Bytes of a row of n elements; n must be a multiple of the block size (BP_ASSERT). Inline:
 // decode kernels ask for it per row (MatrixView::row), and out of line it was 0.5-0.75% of a
-// small model's decode profile.
+// small model's decode profile (llama-110m q8_0 decode 1.03x after, 6 of 8 alternating pairs).
 inline size_t dtype_row_bytes(DType t, int64_t n) {
   BP_ASSERT(n >= 0);
   switch (t) {
