@@ -277,21 +277,21 @@ BP_TARGET_AVX512 void rows4_dot(const MatrixView& w, const int64_t* r, const flo
 }
 
 // Decode of q8_0 rows (one activation row), two blocks at a time without widening shuffles.
-// The 32 + 32 int8 values of blocks 2p and 2p + 1 are loaded as 16 dwords, four values each;
-// byte j of every dword is moved to the dword's top byte and the rest set to 0 (a shift, a mask or
-// a byte shuffle), which makes the dword q * 2^24 exactly, and converted to f32. It meets the activations at the same
-// positions, which x_pairs_q8 arranges once per call. Each block's scale d multiplies its lanes,
-// and the sum is scaled by 2^-24 at the end (a power of two: exact unless the result is
+// The 32 + 32 int8 values of blocks 2p and 2p + 1 are loaded as 16 dwords, four values each; byte j
+// of every dword is moved to the dword's top byte and the rest set to 0 (a shift, a mask or a byte
+// shuffle), which makes the dword q * 2^24 exactly, and converted to f32. It meets the activations
+// at the same positions, which x_pairs_q8 arranges once per call. Each block's scale d multiplies
+// its lanes, and the sum is scaled by 2^-24 at the end (a power of two: exact unless the result is
 // subnormal). Measured on a 2-core AVX-512 (Zen 5) VM, one thread, one stream: 40 GB/s against 30
-// for row_dot's sign-extending shuffles (vpmovsxbd, 16 values at a time) with the rows in cache,
-// 23 against 20.5 from memory; tinyllama-1.1b q8_0 decode (four streams) 43.5-44.5 -> 45.5-49
-// tok/s in alternating runs. Four streams had lost to one for small thread shares while the
-// conversion was slower (llama-110m 285-321 -> 252-281 tok/s); with pairs of blocks they win:
-// llama-110m decode after a 512-token prompt 236-286 -> 263-301 tok/s (4 alternating pairs),
-// without a prompt even (351-356 vs 351-363). Bytes 1 and 2 take one byte shuffle each instead of a
-// shift and a mask: 2048-wide rows, one thread in cache 35 -> 37.5 GB/s, two threads from memory
-// 65-70 -> 70-77; decode of tinyllama q8_0 1.04x (6 of 6 alternating pairs), llama-110m after a
-// 512-token prompt 1.02x (4 of 6).
+// for row_dot's sign-extending shuffles (vpmovsxbd, 16 values at a time) with the rows in cache, 23
+// against 20.5 from memory; tinyllama-1.1b q8_0 decode (four streams) 43.5-44.5 -> 45.5-49 tok/s in
+// alternating runs. Four streams had lost to one for small thread shares while the conversion was
+// slower (llama-110m 285-321 -> 252-281 tok/s); with pairs of blocks they win: llama-110m decode
+// after a 512-token prompt 236-286 -> 263-301 tok/s (4 alternating pairs), without a prompt even
+// (351-356 vs 351-363). Bytes 1 and 2 take one byte shuffle each instead of a shift and a mask:
+// 2048-wide rows, one thread in cache 35 -> 37.5 GB/s, two threads from memory 65-70 -> 70-77;
+// decode of tinyllama q8_0 1.04x (6 of 6 alternating pairs), llama-110m after a 512-token prompt
+// 1.02x (4 of 6).
 constexpr float Q8_PAIR_UNSCALE = 1.0f / 16777216.0f;  // 2^-24
 
 // xp[64 p + 16 j + l] = x[32 (2p + l / 8) + 4 (l % 8) + j] for each pair p of blocks: vector j of
