@@ -1,6 +1,6 @@
 // bench_limits: the machine's own limits, which backprompt's speed is measured against.
 //
-//   bench_limits [-t THREADS] [--quick] [--bandwidth [--file PATH]]
+//   bench_limits [-t THREADS] [--quick] [--bandwidth [--file PATH]] [--gemm f32|bf16]
 //
 // - Peak GEMM throughput per arithmetic type, with oneDNN (the library backprompt's prefill uses):
 //   f32 (dnnl_sgemm), bf16 (matmul primitive, bf16 x bf16 -> f32) and int8 (u8 x s8 -> s32), on
@@ -16,7 +16,9 @@
 // within minutes has been seen). --bandwidth --file PATH also reads PATH the way decode reads
 // weights (a read-only shared mapping of the file, through the page cache; one pass to fault it
 // in, then the same loop): on some hosts such pages read slower than fresh anonymous memory, and
-// this is the bound decode actually works against.
+// this is the bound decode actually works against. --gemm f32 or --gemm bf16 measures only that
+// GEMM with THREADS (a few seconds), for the same reason: bench/speed.sh runs it next to each
+// prefill measurement.
 //
 // The last lines are machine-readable, for bench/speed.sh:
 //   limit <name> <value>     gemm_f32, gemm_bf16, gemm_s8 (GFLOP/s or GOP/s), bandwidth and
@@ -201,7 +203,7 @@ const char* isa_name(dnnl_cpu_isa_t isa) {
 int main(int argc, char** argv) {
   int n_threads = omp_get_num_procs();
   bool quick = false, bandwidth_only = false;
-  std::string file;
+  std::string file, gemm_only;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if ((a == "-t" || a == "--threads") && i + 1 < argc) {
@@ -212,12 +214,22 @@ int main(int argc, char** argv) {
       bandwidth_only = true;
     } else if (a == "--file" && i + 1 < argc) {
       file = argv[++i];
+    } else if (a == "--gemm" && i + 1 < argc && (std::string(argv[i + 1]) == "f32" || std::string(argv[i + 1]) == "bf16")) {
+      gemm_only = argv[++i];
     } else {
-      std::fprintf(stderr, "usage: bench_limits [-t THREADS] [--quick] [--bandwidth [--file PATH]]\n");
+      std::fprintf(stderr, "usage: bench_limits [-t THREADS] [--quick] [--bandwidth [--file PATH]] [--gemm f32|bf16]\n");
       return 2;
     }
   }
   const double min_s = quick ? 0.2 : 1.0;
+  using dt = dnnl::memory::data_type;
+  if (!gemm_only.empty()) {
+    omp_set_num_threads(n_threads);
+    std::string impl;
+    const double gops = gemm_only == "f32" ? gemm_f32(min_s) : gemm_primitive(dt::bf16, dt::bf16, dt::f32, min_s, &impl);
+    std::printf("limit gemm_%s %.1f\n", gemm_only.c_str(), gops);
+    return 0;
+  }
   const size_t bytes = size_t{512} << 20;
   std::unique_ptr<uint8_t, decltype(&std::free)> buf(static_cast<uint8_t*>(std::aligned_alloc(4096, bytes)), &std::free);
   if (!buf) {
@@ -251,7 +263,6 @@ int main(int argc, char** argv) {
   };
   std::vector<Row> rows;
   std::string impl_bf16, impl_s8;
-  using dt = dnnl::memory::data_type;
   for (int threads : {1, n_threads}) {
     omp_set_num_threads(threads);
     const bool first = threads == 1;

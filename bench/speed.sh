@@ -23,7 +23,11 @@
 #             starred rows "f16*", "bf16*", "q8_0*", which run the same model with
 #             BACKPROMPT_MATMUL=bf16: activations, weights and the attention's operands rounded
 #             to bf16, not exact; "q8_0*" also with BACKPROMPT_DECODE=int8: decode's q8_0 products
-#             on activations quantized to int8, not exact)
+#             on activations quantized to int8, not exact), measured next to that row
+#             (`bench_limits --gemm` just before and just after it, the higher of the two, in
+#             brackets), for the same reason as the bandwidth below
+#   pp/peak max the same over the highest peak of that arithmetic measured anywhere in the run
+#             (the stricter figure)
 #   tg/bw     bytes a decode step must read (every weight matrix except the embedding table, plus
 #             the f32 K/V of the 576 positions attended to on average) x tg128 / read bandwidth
 #             measured next to that row (`bench_limits --bandwidth` just before and just after it,
@@ -78,11 +82,19 @@ bandwidth_probe() {
   build/bench_limits "${threads_arg[@]}" --bandwidth --file "$1" |
     awk '/^limit bandwidth/ { a = $3 } /^limit file_bandwidth/ { f = $3 } END { print a, f }'
 }
+# The peak GEMM throughput of one arithmetic (f32 or bf16), GFLOP/s.
+gemm_probe() {
+  build/bench_limits "${threads_arg[@]}" --gemm "$1" | awk '/^limit gemm_/ { print $3 }'
+}
 for r in "${runs[@]}"; do
   read -r preset dt label f envs <<<"$r"
   log=$out/speed-$preset-$label.txt
+  gemm_type=f32
+  case $label in *"*") gemm_type=bf16 ;; esac
+  gemm_before=$(gemm_probe $gemm_type)
   read -r bw_before fbw_before <<<"$(bandwidth_probe "$f")"
-  echo "-- $preset $label (read bandwidth just before: $bw_before GB/s, the model file's pages $fbw_before GB/s)"
+  echo "-- $preset $label (read bandwidth just before: $bw_before GB/s, the model file's pages $fbw_before GB/s;" \
+    "$gemm_type GEMM $gemm_before GFLOP/s)"
   if [ "$envs" = - ]; then
     "$bp" bench -m "$f" -p 512 -n 128 -r "$reps" "${threads_arg[@]}" | tee "$log"
   else
@@ -90,8 +102,10 @@ for r in "${runs[@]}"; do
     env "${env_list[@]}" "$bp" bench -m "$f" -p 512 -n 128 -r "$reps" "${threads_arg[@]}" | tee "$log"
   fi
   read -r bw_after fbw_after <<<"$(bandwidth_probe "$f")"
-  echo "   read bandwidth just after: $bw_after GB/s, the model file's pages $fbw_after GB/s"
-  echo "$preset $label $f $log $bw_before $bw_after $fbw_before $fbw_after" >>"$results"
+  gemm_after=$(gemm_probe $gemm_type)
+  echo "   read bandwidth just after: $bw_after GB/s, the model file's pages $fbw_after GB/s;" \
+    "$gemm_type GEMM $gemm_after GFLOP/s"
+  echo "$preset $label $f $log $bw_before $bw_after $fbw_before $fbw_after $gemm_type $gemm_before $gemm_after" >>"$results"
 done
 
 # The limits again: on a shared machine, other work during one of the two measurements would
@@ -158,10 +172,14 @@ def fmt_rate(line):
 
 rows = []
 bw_best = limits.get("bandwidth", 0.0)
+peak_best = {"f32": limits.get("gemm_f32", 0.0), "bf16": limits.get("gemm_bf16", 0.0)}
 for line in open(sys.argv[2]):
     bw_best = max([bw_best] + [float(x) for x in line.split()[4:6]])
+    gemm_type = line.split()[8]
+    peak_best[gemm_type] = max([peak_best[gemm_type]] + [float(x) for x in line.split()[9:11]])
 for line in open(sys.argv[2]):
-    preset, label, path, log, bw_before, bw_after, fbw_before, fbw_after = line.split()
+    preset, label, path, log, bw_before, bw_after, fbw_before, fbw_after, gemm_type, gemm_before, gemm_after = line.split()
+    peak_near = max(float(gemm_before), float(gemm_after))
     bw_near = max(float(bw_before), float(bw_after))
     fbw_near = max(float(fbw_before), float(fbw_after))
     text = open(log).read()
@@ -194,14 +212,15 @@ for line in open(sys.argv[2]):
     flop_per_token = 2.0 * mat_elems + 4.0 * 256.5 * n_embd * n_layer
     # Decode after 512 tokens: 128 steps attending to 512 .. 639 positions (576 on average).
     read_bytes += 2 * n_layer * 576.0 * kv_dim * 4
-    peak = limits.get("gemm_bf16" if label.endswith("*") else "gemm_f32")
+    peak = peak_best[gemm_type]
     base = label.rstrip("*")
     ref = LLAMA_CPP.get((preset, "f16" if base == "bf16" else base))
     rows.append([
         preset, label,
         f"{pp:.1f} ± {pp_sd:.1f}" if pp else "-",
         f"{tg:.2f} ± {tg_sd:.2f}" if tg else "-",
-        f"{pp * flop_per_token / 1e9:.0f} GF/s {100 * pp * flop_per_token / 1e9 / peak:.0f}%" if pp and peak else "-",
+        f"{pp * flop_per_token / 1e9:.0f} GF/s {100 * pp * flop_per_token / 1e9 / peak_near:.0f}% ({peak_near:.0f})" if pp and peak_near else "-",
+        f"{100 * pp * flop_per_token / 1e9 / peak:.0f}%" if pp and peak else "-",
         f"{tg * read_bytes / 1e9:.1f} GB/s {100 * tg * read_bytes / 1e9 / bw_near:.0f}% ({bw_near:.0f})" if tg else "-",
         f"{100 * tg * read_bytes / 1e9 / bw_best:.0f}%" if tg and bw_best else "-",
         f"{100 * tg * read_bytes / 1e9 / fbw_near:.0f}% ({fbw_near:.0f})" if tg and fbw_near else "-",
@@ -210,14 +229,15 @@ for line in open(sys.argv[2]):
         f"{pp / ref[0]:.2f}x / {tg / ref[1]:.2f}x" if ref and pp and tg else "-",
     ])
 
-head = ["model", "type", "pp512 tok/s", "tg128 tok/s", "pp/peak", "tg/bw (bw near)", "tg/bw max", "tg/file bw", "peak RSS", "llama.cpp pp/tg", "ours/llama.cpp"]
+head = ["model", "type", "pp512 tok/s", "tg128 tok/s", "pp/peak (peak near)", "pp/peak max", "tg/bw (bw near)", "tg/bw max", "tg/file bw", "peak RSS", "llama.cpp pp/tg", "ours/llama.cpp"]
 width = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
 print("  ".join(h.ljust(w) for h, w in zip(head, width)))
 for r in rows:
     print("  ".join(str(c).ljust(w) for c, w in zip(r, width)))
 print(f"limits: f32 GEMM {limits.get('gemm_f32', 0):.0f} GFLOP/s, bf16 GEMM {limits.get('gemm_bf16', 0):.0f} GFLOP/s, "
       f"int8 GEMM {limits.get('gemm_s8', 0):.0f} GOP/s, read bandwidth {limits.get('bandwidth', 0):.1f} GB/s (all threads); "
-      f"highest read bandwidth in the run {bw_best:.1f} GB/s")
+      f"highest in the run: f32 GEMM {peak_best['f32']:.0f} GFLOP/s, bf16 GEMM {peak_best['bf16']:.0f} GFLOP/s, "
+      f"read bandwidth {bw_best:.1f} GB/s")
 print("f16*, bf16*, q8_0*: BACKPROMPT_MATMUL=bf16 (activations, weights and attention operands rounded to bf16 in prefill; not exact); "
       "q8_0* also BACKPROMPT_DECODE=int8 (decode's q8_0 products on activations quantized to int8; not exact); "
       "bf16 rows are compared with llama.cpp's f16 figures")
