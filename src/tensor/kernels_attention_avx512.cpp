@@ -377,6 +377,20 @@ BP_TARGET_AVX512_BF16 void lane_pv_bf16(const __m512i* pt2, int32_t n_pairs, con
   }
 }
 
+// qt2[p][lane]: pairs of head dimensions (2p, 2p + 1) of the tile's scaled queries (0 in unused
+// lanes), rounded to bf16.
+template <int NQV>
+BP_TARGET_AVX512_BF16 void query_pairs(const AttentionTile& t, __m512i* qt2) {
+  constexpr int NL = NQV * L;
+  alignas(64) float qt[MAX_HEAD_DIM * NL];  // [head_dim][NL] scaled queries, as tile_lanes
+  queries_transposed<NL>(t, qt);
+  for (int32_t p = 0; p < t.head_dim / 2; ++p) {
+    for (int v = 0; v < NQV; ++v) {
+      qt2[p * NQV + v] = bf16_pairs(_mm512_load_ps(qt + 2 * p * NL + v * L), _mm512_load_ps(qt + (2 * p + 1) * NL + v * L));
+    }
+  }
+}
+
 template <int NQV>
 BP_TARGET_AVX512_BF16 void tile_lanes_bf16(const AttentionTile& t) {
   constexpr int NL = NQV * L;
@@ -388,15 +402,9 @@ BP_TARGET_AVX512_BF16 void tile_lanes_bf16(const AttentionTile& t) {
   alignas(64) uint16_t kb[LANE_BLOCK * MAX_HEAD_DIM];     // [LANE_BLOCK][head_dim] the key block as bf16
   alignas(64) uint32_t vt2[LANE_BLOCK / 2 * MAX_HEAD_DIM];  // [LANE_BLOCK / 2][head_dim] value pairs
   prefetch_tile_start(t);
-  {
-    alignas(64) float qt[MAX_HEAD_DIM * NL];  // [head_dim][NL] scaled queries, as tile_lanes
-    queries_transposed<NL>(t, qt);
-    for (int32_t p = 0; p < n_dpairs; ++p) {
-      for (int v = 0; v < NQV; ++v) {
-        qt2[p * NQV + v] = bf16_pairs(_mm512_load_ps(qt + 2 * p * NL + v * L), _mm512_load_ps(qt + (2 * p + 1) * NL + v * L));
-      }
-    }
-  }
+  // The queries are transposed after the first block's keys and values are rounded: that gives
+  // their prefetches time to arrive (the rows were mostly written by the other core).
+  bool have_queries = false;
   for (int32_t x = 0; x < hd * NL; x += L) _mm512_store_ps(ot + x, _mm512_setzero_ps());
 
   __m512i lim[NQV];
@@ -436,6 +444,10 @@ BP_TARGET_AVX512_BF16 void tile_lanes_bf16(const AttentionTile& t) {
         }
       }
 
+      if (!have_queries) {
+        query_pairs<NQV>(t, qt2);
+        have_queries = true;
+      }
       const int32_t key = static_cast<int32_t>(key0 + j0);
       int32_t j = 0;
       for (; j + 4 <= n_block; j += 4) lane_scores_bf16<NQV, 4>(qt2, n_dpairs, kb + j * hd, hd, key + j, lim, st + j * NL);
