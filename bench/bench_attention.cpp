@@ -86,6 +86,7 @@ int run(int argc, char** argv) {
         std::memcpy(&v[r * d], &rows[((r + 13) % n_rows) * d], d * sizeof(float));
       }
     }
+    const uint64_t epoch = bp::next_kv_epoch();  // as attention() takes one per call
     const Clock::time_point t0 = Clock::now();
 #pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads)
     for (size_t i = 0; i < tiles.size(); ++i) {
@@ -103,6 +104,7 @@ int run(int argc, char** argv) {
       t.kv_stride = d;
       t.n_keys0 = tile.row0 + 1;
       t.bf16 = bf16;
+      t.kv_epoch = epoch;
       bp::attention_tile(t);
     }
     seconds.push_back(std::chrono::duration<double>(Clock::now() - t0).count());

@@ -300,3 +300,73 @@ TEST(Attention, ForwardInsideCallersParallelRegion) {
 }
 
 }  // namespace
+
+// AttentionTile::kv_epoch: bf16 tiles of one epoch over the same sources reuse the keys and values
+// an earlier tile of the thread rounded. Tiles in every order (big after small, small after big,
+// heads alternating, a last block with an odd number of keys after a tile that rounded all of
+// it) give the bits of tiles that round their own; a new epoch after K/V changed sees the change.
+TEST(Attention, Bf16TilesOfOneEpochReuseTheRoundedKeysAndValuesExactly) {
+  if (bp::testing::available_isas().back() != "avx512" || !__builtin_cpu_supports("avx512bf16")) {
+    GTEST_SKIP() << "needs AVX512_BF16";
+  }
+  IsaRestore restore;
+  ASSERT_TRUE(bp::kernels_force_isa("avx512"));
+  const int32_t hd = 64, n_heads = 2;
+  const int64_t past = 100, own = 150, kv_dim = int64_t{n_heads} * hd, q_dim = kv_dim;
+  std::mt19937 rng(77);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> k0(past * kv_dim), v0(past * kv_dim), k1(own * kv_dim), v1(own * kv_dim), q(own * q_dim);
+  for (std::vector<float>* a : {&k0, &v0, &k1, &v1, &q}) {
+    for (float& x : *a) x = normal(rng);
+  }
+  struct Piece {
+    int32_t head, row0, n_rows;
+  };
+  // Own rows [row0, row0 + n_rows) of a head: each sees the past and its own rows up to itself.
+  auto run = [&](const Piece& p, uint64_t epoch, std::vector<float>& out) {
+    const bp::KvRowsView kv[2] = {{k0.data() + p.head * hd, v0.data() + p.head * hd, past},
+                                  {k1.data() + p.head * hd, v1.data() + p.head * hd, own}};
+    bp::AttentionTile t;
+    t.q = q.data() + p.row0 * q_dim + p.head * hd;
+    t.out = out.data() + p.row0 * q_dim + p.head * hd;
+    t.ldq = t.ldo = q_dim;
+    t.n_rows = p.n_rows;
+    t.head_dim = hd;
+    t.scale = 0.125f;
+    t.kv = kv;
+    t.n_kv = 2;
+    t.kv_stride = kv_dim;
+    t.n_keys0 = past + p.row0 + 1;
+    t.bf16 = true;
+    t.kv_epoch = epoch;
+    bp::attention_tile(t);
+  };
+  const std::vector<std::vector<Piece>> orders = {
+      {{0, 86, 64}, {0, 22, 64}, {0, 0, 21}, {0, 0, 32}},   // biggest first, then an odd last block
+      {{0, 0, 21}, {0, 0, 32}, {0, 22, 64}, {0, 86, 64}},   // smallest first: blocks grow
+      {{0, 86, 64}, {1, 86, 64}, {0, 22, 64}, {1, 0, 33}},  // heads alternating
+  };
+  for (size_t o = 0; o < orders.size(); ++o) {
+    std::vector<float> fresh(own * q_dim, 0.0f), reused(own * q_dim, 0.0f);
+    const uint64_t epoch = bp::next_kv_epoch();
+    for (const Piece& p : orders[o]) {
+      std::fill(fresh.begin(), fresh.end(), 0.0f);
+      std::fill(reused.begin(), reused.end(), 0.0f);
+      run(p, 0, fresh);
+      run(p, epoch, reused);
+      for (size_t i = 0; i < fresh.size(); ++i) {
+        ASSERT_EQ(fresh[i], reused[i]) << "order " << o << ", tile at row " << p.row0 << " of head " << p.head << ", output " << i;
+      }
+    }
+  }
+  // K and V change between epochs (the next layer, the next pass): a new epoch rounds them anew.
+  const Piece p{0, 86, 64};
+  std::vector<float> before(own * q_dim), after(own * q_dim), fresh(own * q_dim);
+  run(p, bp::next_kv_epoch(), before);
+  for (float& x : k1) x = -x;
+  for (float& x : v0) x = 2.0f * x;
+  run(p, bp::next_kv_epoch(), after);
+  run(p, 0, fresh);
+  EXPECT_NE(before, after);
+  EXPECT_EQ(fresh, after);
+}

@@ -160,7 +160,8 @@ struct TileShape {
   int64_t q_dim, kv_dim;
   int32_t head_dim, group;
   float scale;
-  bool bf16;  // AttentionTile::bf16
+  bool bf16;          // AttentionTile::bf16
+  uint64_t kv_epoch;  // AttentionTile::kv_epoch
 };
 
 // The AttentionTile of an item, without its sources.
@@ -178,6 +179,7 @@ AttentionTile tile_of(const TileItem& item, const TileShape& sh, const float* q,
   t.kv_stride = sh.kv_dim;
   t.n_keys0 = item.n_keys0;
   t.bf16 = sh.bf16;
+  t.kv_epoch = sh.kv_epoch;
   if (item.partial >= 0) t.partial = partials + item.partial;
   return t;
 }
@@ -331,7 +333,9 @@ void attention(const Batch& b, int32_t layer, const float* q, float* out) {
 
   // bf16 products where matmul uses them: prefill-sized batches under MatmulPrecision::BF16.
   const bool bf16 = kernels_matmul_precision() == MatmulPrecision::BF16 && b.n_rows > MATMUL_FUSED_MAX_N;
-  const TileShape shape{q_dim, kv_dim, hd, group, scale, bf16};
+  // bf16 tiles of this call over the same key/value head share their rounding of its K/V (per
+  // thread), which nothing changes while they run.
+  const TileShape shape{q_dim, kv_dim, hd, group, scale, bf16, bf16 ? next_kv_epoch() : 0};
   if (ops::TeamPass::active()) {
     // Every thread of the team computed the same items; one buffer for all of them.
     float* partials = nullptr;

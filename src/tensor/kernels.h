@@ -94,6 +94,11 @@ struct AttentionTile {
   // softmax), about twice the speed; not exact (see MatmulPrecision::BF16, which sets it for
   // prefill-sized batches). Elsewhere, or false: f32 throughout.
   bool bf16 = false;
+  // bf16 tiles with the same nonzero kv_epoch and the same sources (kv, n_kv, kv_stride, head_dim)
+  // may reuse each other's bf16 copies of the keys and values, kept per thread: the caller takes a
+  // new epoch (next_kv_epoch) for every set of tiles over K/V that will not change while they run
+  // (attention() per call). 0: every tile rounds its own.
+  uint64_t kv_epoch = 0;
   // When set, the tile stops short of its softmax's last division and writes, instead of out,
   // for query vector i at partial + i * (head_dim + 2): m, the largest scaled score it saw; l, the
   // sum of e^(s - m) over its keys; then the head_dim values of sum e^(s - m) v (out_i is their
@@ -106,6 +111,8 @@ struct AttentionTile {
 // Runs one tile on the calling thread (callers parallelise over tiles). Softmax in f32 with a
 // running maximum (keys in blocks), so any number of keys fits in a fixed amount of memory.
 void attention_tile(const AttentionTile& t);
+// A kv_epoch never handed out before in this process (never 0).
+uint64_t next_kv_epoch();
 
 // out of tile t (its q, kv, n_keys0 and partial unused) from n_parts partial results of it over
 // disjoint runs of its keys: parts[p] holds what a tile with partial = parts[p] wrote.

@@ -6,6 +6,7 @@
 //   m' = max(m, max_j s_j),  l' = l e^(m - m') + sum_j e^(s_j - m'),  o' = o e^(m - m') + sum_j e^(s_j - m') v_j
 // and out = o / l at the end. Equal to softmax(s) V up to f32 rounding.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <vector>
 
@@ -105,6 +106,11 @@ void attention_merge(const AttentionTile& t, const float* const* parts, int n_pa
     const float inv_l = 1.0f / l;
     for (int32_t d = 0; d < hd; ++d) out[d] *= inv_l;
   }
+}
+
+uint64_t next_kv_epoch() {
+  static std::atomic<uint64_t> last{0};
+  return last.fetch_add(1, std::memory_order_relaxed) + 1;
 }
 
 void attention_tile(const AttentionTile& t) {
