@@ -314,11 +314,11 @@ BP_TARGET_AVX512 void tile_lanes(const AttentionTile& t) {
 //   values: pairs of keys (2i, 2i + 1): pt2[i][lane] of the probabilities, and the value block
 //           transposed into vt2[i][d] = (V[2i][d], V[2i + 1][d]) (a missing last key is 0).
 
-// e^x for x <= 0 (a score minus the running maximum), relative error under 3e-6: x = (n + f) / log2(e)
-// with f in [-1/2, 1/2], 2^f by a degree-4 polynomial (coefficients fitted here for relative
-// error), then scaled by 2^n; -inf and anything below -87.3 give exactly 0. The bf16 tiles round
-// the probabilities to bf16 (relative error up to 2^-9) anyway, so exp_ps's 2e-7 buys nothing
-// there, and this takes 10 instructions against its 16.
+// e^x for x <= 0 (a score minus the running maximum), relative error under 3e-6:
+// x = (n + f) / log2(e) with f in [-1/2, 1/2], 2^f by a degree-4 polynomial (coefficients fitted
+// here for relative error), then scaled by 2^n; -inf and anything below -87.3 give exactly 0.
+// The bf16 tiles round the probabilities to bf16 (relative error up to 2^-9) anyway, so exp_ps's
+// 2e-7 buys nothing there, and this takes 10 instructions against its 16.
 BP_TARGET_AVX512 inline __m512 exp_nonpositive(__m512 x) {
   const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_GE_OQ);
   const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(1.44269504088896341f));
