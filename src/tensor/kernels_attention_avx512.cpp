@@ -24,13 +24,13 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <vector>
 
 #include "backprompt/error.h"
 #include "tensor/kernels_simd.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 
+#include "tensor/kernels_attention_rounded_kv.h"
 #include "tensor/kernels_avx512_math.h"
 
 namespace backprompt::detail {
@@ -314,24 +314,6 @@ BP_TARGET_AVX512 void tile_lanes(const AttentionTile& t) {
 //   values: pairs of keys (2i, 2i + 1): pt2[i][lane] of the probabilities, and the value block
 //           transposed into vt2[i][d] = (V[2i][d], V[2i + 1][d]) (a missing last key is 0).
 
-// e^x for x <= 0 (a score minus the running maximum), relative error under 3e-6:
-// x = (n + f) / log2(e) with f in [-1/2, 1/2], 2^f by a degree-4 polynomial (coefficients fitted
-// here for relative error), then scaled by 2^n; -inf and anything below -87.3 give exactly 0.
-// The bf16 tiles round the probabilities to bf16 (relative error up to 2^-9) anyway, so exp_ps's
-// 2e-7 buys nothing there, and this takes 10 instructions against its 16.
-BP_TARGET_AVX512 inline __m512 exp_nonpositive(__m512 x) {
-  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_GE_OQ);
-  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(1.44269504088896341f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(0.009570094756782055f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.05591785907745361f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.240247443318367f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931217908859253f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999992847442627f));
-  return _mm512_maskz_scalef_ps(live, p, n);
-}
-
 // 16 x 32-bit pairs (lo[i] in the low half, hi[i] in the high half), both rounded to bf16.
 // One conversion of both (lo in the low 16 words, hi in the high 16), then one interleave.
 BP_TARGET_AVX512_BF16 inline __m512i bf16_pairs(__m512 lo, __m512 hi) {
@@ -396,63 +378,6 @@ BP_TARGET_AVX512_BF16 void lane_pv_bf16(const __m512i* pt2, int32_t n_pairs, con
   }
 }
 
-// The bf16 keys and value pairs one thread's last bf16 tiles rounded, by block (the blocks in the
-// order a tile walks its sources: the same for every tile over the same sources), for the next
-// tile over the same sources in the same epoch (AttentionTile::kv_epoch). The tiles of one
-// key/value head follow each other on a thread (biggest first), so the head's keys are rounded
-// once per thread instead of once per tile. At most ROUNDED_KV_BYTES per thread (half of a 1 MiB
-// L2); blocks past that are rounded by each tile as before. Attention alone (bench_attention,
-// llama-110m's shape, 3 alternating runs): 13-15% less time per layer; in 512-token llama-110m
-// prefills the attention step took 5-10% less (3 alternating runs of 20 passes).
-constexpr size_t ROUNDED_KV_BYTES = size_t{512} << 10;
-
-struct RoundedKv {
-  uint64_t epoch = 0;
-  std::vector<KvRowsView> sources;
-  int64_t kv_stride = 0;
-  int32_t head_dim = 0;
-  int32_t n_blocks = 0;           // blocks that fit
-  std::vector<int32_t> n_done;    // [block] keys rounded into it (0: none)
-  // [block][LANE_BLOCK * head_dim bf16 keys, then LANE_BLOCK / 2 * head_dim value pairs], from
-  // base, storage's first 64-byte boundary
-  std::vector<uint32_t> storage;
-  uint32_t* base = nullptr;
-
-  bool serves(const AttentionTile& t) const {
-    if (epoch != t.kv_epoch || kv_stride != t.kv_stride || head_dim != t.head_dim || sources.size() != static_cast<size_t>(t.n_kv)) {
-      return false;
-    }
-    for (int32_t i = 0; i < t.n_kv; ++i) {
-      const KvRowsView& a = sources[static_cast<size_t>(i)];
-      if (a.k != t.kv[i].k || a.v != t.kv[i].v || a.n != t.kv[i].n) return false;
-    }
-    return true;
-  }
-  void reset(const AttentionTile& t) {
-    epoch = t.kv_epoch;
-    sources.assign(t.kv, t.kv + t.n_kv);
-    kv_stride = t.kv_stride;
-    head_dim = t.head_dim;
-    const size_t block_words = size_t{LANE_BLOCK} * static_cast<size_t>(t.head_dim);  // keys or pairs
-    n_blocks = static_cast<int32_t>(ROUNDED_KV_BYTES / (block_words * 2 * sizeof(uint32_t)));
-    n_done.assign(static_cast<size_t>(n_blocks), 0);
-    const size_t words = static_cast<size_t>(n_blocks) * block_words * 2 + 16;  // 16 more to align
-    if (storage.size() < words) storage.resize(words);
-    base = reinterpret_cast<uint32_t*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t{63});
-  }
-  uint16_t* keys(int32_t block) { return reinterpret_cast<uint16_t*>(base + size_t(block) * LANE_BLOCK * head_dim * 2); }
-  uint32_t* pairs(int32_t block) { return base + (size_t(block) * 2 + 1) * LANE_BLOCK * head_dim; }
-};
-
-// This thread's RoundedKv for tile t (bf16, kv_epoch set), reset if it held other keys; nullptr
-// where the tile does not reuse (no epoch).
-RoundedKv* rounded_kv(const AttentionTile& t) {
-  if (t.kv_epoch == 0 || t.n_kv == 0) return nullptr;
-  thread_local RoundedKv kept;
-  if (!kept.serves(t)) kept.reset(t);
-  return &kept;
-}
-
 // qt2[p][lane]: pairs of head dimensions (2p, 2p + 1) of the tile's scaled queries (0 in unused
 // lanes), rounded to bf16.
 template <int NQV>
@@ -489,7 +414,7 @@ BP_TARGET_AVX512_BF16 void tile_lanes_bf16(const AttentionTile& t) {
   const __mmask16 tail = head_mask(hd, (hd - 1) / L);  // lanes of a row's last 16-float vector
 
   const int64_t n_keys = t.n_keys0 + t.n_rows - 1;
-  RoundedKv* const kept = rounded_kv(t);
+  RoundedKv* const kept = rounded_kv(t, LANE_BLOCK);
   int32_t block = 0;  // the block's place in the walk over the sources
   int64_t key0 = 0;
   for (int32_t src = 0; src < t.n_kv && key0 < n_keys; ++src) {
